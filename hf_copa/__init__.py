@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .api import adapt
+from .bundled import DEFAULT_MODEL, default_model_path
 from .configuration_copa import ADAPTATION_DEFAULTS, ADAPTATION_PRESETS, CopaConfig
 from .image_processing_copa import CopaImageProcessor
 from .learners import AdaptedHead, Learner, available_methods, get_learner, register_learner
@@ -16,6 +17,8 @@ AutoModelForImageClassification.register(CopaConfig, CopaForFewShotClassificatio
 AutoImageProcessor.register(CopaConfig, image_processor_classes={"pil": CopaImageProcessor}, exist_ok=True)
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "default_model_path",
     "ADAPTATION_DEFAULTS",
     "ADAPTATION_PRESETS",
     "AdaptedHead",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
+from .bundled import DEFAULT_MODEL
 from .folders import list_images, load_class_folders, sample_task_dir
 from .learners import available_methods
+from .training import MIXED_PRECISION_CHOICES, TrainingConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +76,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature cache folder (default: $HF_COPA_CACHE or "
         "~/.cache/hf_copa/features; 'none' disables it)",
     )
+    evaluate.add_argument(
+        "--random-init",
+        action="store_true",
+        help="evaluate a backbone of --model's shape with seeded random weights (the untrained baseline)",
+    )
     evaluate.add_argument("--output", default=None, help="write the results as JSON here")
     evaluate.add_argument(
         "--per-episode", action="store_true", help="include per-episode accuracies in the JSON"
     )
     evaluate.add_argument("--no-progress", action="store_true")
+
+    train = commands.add_parser(
+        "train",
+        help="multi-domain training of a backbone (URL's MDL; distillation when teachers are given)",
+        description="Train one backbone on several datasets' train splits, one classifier per domain. "
+        "Runs under `accelerate launch` for several GPUs or processes.",
+    )
+    train.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        metavar="PATH_OR_ID[:SPLIT]",
+        help="a training dataset, split 'train' unless given; repeat for each domain",
+    )
+    train.add_argument("--output-dir", required=True, help="model folder to write (checkpoints inside it)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --output-dir, or from CHECKPOINT",
+    )
+    train.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="DOMAIN=MODEL_FOLDER",
+        help="distil DOMAIN from a single-domain model trained by hf-copa train",
+    )
+    defaults = TrainingConfig()
+    for name, value in asdict(defaults).items():
+        if name in ("datasets", "output_dir", "teachers", "command"):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in ("hidden_sizes",):
+            train.add_argument(flag, type=int, nargs="+", default=None, help="backbone stage widths")
+        elif isinstance(value, bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif name in ("embedding_size", "image_size"):
+            train.add_argument(flag, type=int, default=None, help="backbone shape (default: URL's)")
+        elif name == "mixed_precision":
+            train.add_argument(flag, default=value, choices=MIXED_PRECISION_CHOICES)
+        else:
+            train.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+    train.add_argument("--no-progress", action="store_true")
 
     convert = commands.add_parser(
         "convert", help="convert URL's released checkpoint (model_best.pth.tar[.xz]) to a model folder"
@@ -107,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "train":
+            return _train(args, argv)
     except (ValueError, TypeError, OSError) as err:
         print(f"hf-copa: error: {err}", file=sys.stderr)
         return 2
@@ -159,7 +216,8 @@ def _classify(args, support_paths, support_labels, query_paths, truth) -> int:
             json.dumps(
                 [
                     {"image": str(p), "predictions": preds}
-                    for p, preds in zip(query_paths, predictions, strict=True)
+                    | ({} if truth is None else {"truth": truth[index]})
+                    for index, (p, preds) in enumerate(zip(query_paths, predictions, strict=True))
                 ],
                 indent=2,
             )
@@ -185,6 +243,7 @@ def _classify(args, support_paths, support_labels, query_paths, truth) -> int:
 def _evaluate(args) -> int:
     from accelerate import PartialState
 
+    from .distributed import use_cpu
     from .evaluation import Domain, evaluate, parse_override
     from .features import default_cache_dir
 
@@ -208,8 +267,14 @@ def _evaluate(args) -> int:
             raise ValueError(f"Override {text!r} names domain {domain_name!r}, not among {names}.")
         domains[names.index(domain_name)].overrides.setdefault(method, {})[key] = value
     cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or default_cache_dir())
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     model = _load_model(args.model, show_notes=state.is_main_process)
+    model_name = None
+    if args.random_init:
+        from .pretrained import RANDOM_INIT_SEED, random_backbone
+
+        model = random_backbone(model)
+        model_name = f"random-init({args.model or DEFAULT_MODEL}, seed={RANDOM_INIT_SEED})"
     result = evaluate(
         model,
         domains,
@@ -220,12 +285,35 @@ def _evaluate(args) -> int:
         overrides=global_overrides,
         cache_dir=cache_dir,
         progress=not args.no_progress,
+        model_name=model_name,
     )
     if state.is_main_process:
         print(result.table())
         if args.output:
             result.save(args.output, per_episode=args.per_episode)
             print(f"wrote {args.output}")
+    return 0
+
+
+def _train(args, argv: list[str] | None) -> int:
+    from .training import train
+
+    given = ("datasets", "output_dir", "teachers", "command")
+    fields = {name: getattr(args, name) for name in asdict(TrainingConfig()) if name not in given}
+    teachers = {}
+    for text in args.teacher:
+        domain, sep, folder = text.partition("=")
+        if not sep or not domain or not folder:
+            raise ValueError(
+                f"Bad --teacher {text!r}; use DOMAIN=MODEL_FOLDER, e.g. omniglot=teachers/omniglot."
+            )
+        teachers[domain] = folder
+    command = "hf-copa " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    config = TrainingConfig(
+        **fields, datasets=args.dataset, output_dir=args.output_dir, teachers=teachers, command=command
+    )
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    print(f"wrote {result.output_dir} ({result.steps} steps, {result.seconds / 60:.1f} min)")
     return 0
 
 

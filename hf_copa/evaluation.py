@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import use_cpu
 from .episodes import Episode, make_sampler
 from .learners import available_methods, get_learner
 from .learners.base import CLASS_MULTIPLE, ROW_MULTIPLE, pad_support_sets, padded_size
@@ -237,15 +238,19 @@ def evaluate(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     load_dataset: Callable[[Domain], Any] | None = None,
+    model_name: str | None = None,
 ) -> EvaluationResult:
-    """Evaluate `methods` on `num_episodes` episodes per domain, split across Accelerate processes."""
+    """Evaluate `methods` on `num_episodes` episodes per domain, split across Accelerate processes.
+
+    `model_name` labels the results (default: the name or path the model was loaded from).
+    """
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from .features import extract_dataset_features
 
-    state = PartialState()
+    state = PartialState(cpu=use_cpu())
     overrides = overrides or {}
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
@@ -288,11 +293,12 @@ def evaluate(
             accuracies[domain.name][method] = [acc for _, acc in sorted(gathered)]
     results, averages = summarise(accuracies, domains, methods)
     config = {
-        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "methods": list(methods),
         "protocol": protocol,
         "episodes": num_episodes,
         "seed": seed,
+        "processes": state.num_processes,
         "domains": {d.name: {"path": d.path, "split": d.split} for d in domains},
         "roles": {d.name: d.role for d in domains},
         "hyperparameters": used_hyperparameters,

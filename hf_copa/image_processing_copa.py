@@ -38,7 +38,7 @@ from .configuration_copa import CopaConfig
 ACCEPTED_INPUTS = (
     "a PIL image (any mode), a numpy array or torch tensor shaped HW, HWC or CHW with 1, 3 or 4 channels "
     "(uint8, uint16, other non-negative integers, bool, or floats in [0, 1]), a path to an image file, "
-    "or a flat list/tuple of these"
+    "or a flat list/tuple (or a `datasets` column) of these"
 )
 
 _CHANNEL_COUNTS = (1, 3, 4)
@@ -72,6 +72,14 @@ class CopaImageProcessor(PilBackend):
         kwargs.setdefault("size", {"height": config.image_size, "width": config.image_size})
         return cls(**kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """As `ImageProcessingMixin.from_pretrained`; `hf_copa.DEFAULT_MODEL` reads the bundled model."""
+        from .bundled import bundled_model_path
+
+        bundled = bundled_model_path(pretrained_model_name_or_path)
+        return super().from_pretrained(bundled or pretrained_model_name_or_path, *args, **kwargs)
+
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[PIL.Image.Image]:
         # The one hook between raw inputs and the backend: every input becomes 8-bit RGB here, with errors
         # that name the offending list index, before `process_image` makes it a CHW array.
@@ -80,6 +88,8 @@ class CopaImageProcessor(PilBackend):
 
 def to_rgb_images(images: Any) -> list[PIL.Image.Image]:
     """One image or a flat list/tuple of images -> a list of 8-bit RGB PIL images (the module's policy)."""
+    if _is_image_column(images):  # e.g. `dataset["image"]`, a lazy `datasets` Column
+        images = list(images)
     if isinstance(images, list | tuple):
         if not images:
             raise ValueError(
@@ -87,6 +97,11 @@ def to_rgb_images(images: Any) -> list[PIL.Image.Image]:
             )
         return [to_rgb_image(image, name=f"images[{index}]") for index, image in enumerate(images)]
     return [to_rgb_image(images)]
+
+
+def _is_image_column(images: Any) -> bool:
+    module = type(images).__module__ or ""
+    return module.startswith("datasets.") and hasattr(images, "__iter__") and hasattr(images, "__len__")
 
 
 def to_rgb_image(image: Any, name: str = "image") -> PIL.Image.Image:

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from . import heads
+from .bundled import bundled_model_path
 from .configuration_copa import CopaConfig
 from .learners import AdaptedHead, get_learner
 
@@ -128,6 +129,12 @@ class CopaModel(CopaPreTrainedModel):
     ) -> CopaModel:
         """As `PreTrainedModel.from_pretrained`, also recording the Hub commit the weights came from
         (`hub_revision`; None for a local folder), which adapted heads pin as their base revision."""
+        bundled = bundled_model_path(pretrained_model_name_or_path)
+        if bundled is not None:  # the default that ships with hf_copa: keep its name, not the install path
+            model = super().from_pretrained(bundled, *args, **kwargs)
+            model.config._name_or_path = pretrained_model_name_or_path
+            model.hub_revision = None
+            return model
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.hub_revision = _resolved_commit(pretrained_model_name_or_path, kwargs)
         return model

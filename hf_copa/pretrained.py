@@ -1,11 +1,10 @@
-"""Which backbone to load when none is named, and loading one by name."""
+"""Which backbone to load when none is named, and a seeded random baseline of any backbone's shape."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from .bundled import DEFAULT_MODEL
 from .configuration_copa import CopaConfig
 from .modeling_copa import CopaModel
 
@@ -13,22 +12,25 @@ RANDOM_INIT_SEED = 0
 
 
 def load_model(name_or_path: str | None = None, **kwargs) -> CopaModel:
-    """`CopaModel.from_pretrained(name_or_path)`, or the default backbone when None.
+    """`CopaModel.from_pretrained(name_or_path)` in eval mode; the bundled default when None."""
+    return CopaModel.from_pretrained(name_or_path or DEFAULT_MODEL, **kwargs).eval()
 
-    No trained default ships yet, so the default is URL's architecture with
-    seeded random weights; it says so with a warning.
+
+def random_backbone(like: CopaModel | CopaConfig, seed: int = RANDOM_INIT_SEED) -> CopaModel:
+    """A backbone of `like`'s shape with seeded random weights: the baseline a trained one must beat.
+
+    It records no source (`_name_or_path` is empty), so a head adapted on it never claims a base model.
     """
-    if name_or_path:
-        return CopaModel.from_pretrained(name_or_path, **kwargs).eval()
-    warnings.warn(
-        "No model given and no trained default backbone is bundled yet: using a randomly initialised "
-        "URL ResNet-18 (seed 0). Pass a model folder or Hub id for meaningful predictions.",
-        stacklevel=2,
-    )
+    config = like.config if isinstance(like, CopaModel) else like
+    config = CopaConfig.from_dict(config.to_dict())
+    config._name_or_path = ""
+    for name in ("domain_classifier_sizes", "domain_classifier_domains"):
+        if hasattr(config, name):
+            delattr(config, name)
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(RANDOM_INIT_SEED)
+    torch.manual_seed(seed)
     try:
-        model = CopaModel(CopaConfig())
+        model = CopaModel(config)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval()

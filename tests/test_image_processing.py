@@ -271,3 +271,16 @@ def test_save_and_load_round_trip(tmp_path, rgb_array):
     assert loaded.to_dict() == processor.to_dict()
     np.testing.assert_array_equal(pixels(loaded, rgb_array), pixels(processor, rgb_array))
     assert pixels(loaded, rgb_array).shape == (1, 3, 32, 32)
+
+
+def test_a_datasets_image_column_is_a_list_of_images():
+    import datasets
+
+    arrays = [np.full((6, 5, 3), value, dtype=np.uint8) for value in (0, 128, 255)]
+    dataset = datasets.Dataset.from_dict(
+        {"image": arrays}, features=datasets.Features({"image": datasets.Image()})
+    )
+    processor = CopaImageProcessor()
+    expected = processor(list(dataset["image"]))["pixel_values"]
+    assert torch.equal(processor(dataset["image"])["pixel_values"], expected)
+    assert expected.shape == (3, 3, 84, 84)

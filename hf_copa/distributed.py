@@ -1,0 +1,19 @@
+"""Which device family Accelerate should use, so that CPU-only runs can also be multi-process.
+
+Accelerate's `PartialState` treats a `torchrun` launch as multi-process only for an accelerator unless it
+is told `cpu=True`; `accelerate launch --cpu` sets `ACCELERATE_USE_CPU`, plain `torchrun` sets nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def use_cpu() -> bool:
+    """True when asked for (`ACCELERATE_USE_CPU`) or when several processes run without CUDA."""
+    from accelerate.utils import parse_flag_from_env
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (world_size > 1 and not torch.cuda.is_available())
