@@ -1,0 +1,597 @@
+"""What the Space does, without the UI: check a user's task against the limits, adapt, and show the result.
+
+The Gradio app (`spaces/copa-few-shot/app.py`) only wires widgets to these functions, so everything here is
+testable without a browser:
+
+- `build_task` turns (class name, image files) slots and query files into a `Task`, or raises a `TaskError`
+  whose message is written for the person who uploaded the files (never a traceback);
+- `run_task` adapts the backbone with the chosen method and returns probabilities, the adaptation time and
+  the embedding space before and after adaptation (`EmbeddingView`), with the prototype-image gap;
+- `embedding_figure`, `predictions_html` and `summary_markdown` present a `TaskResult`;
+- `push_classifier` uploads the adapted head with the user's own token;
+- `example_tasks` lists the bundled example tasks (real images, see `assets/examples/README.md`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from .folders import load_class_folders, sample_task_dir
+from .image_processing_copa import to_rgb_image
+from .learners import AdaptedHead
+from .losses import NORM_EPS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .modeling_copa import CopaForFewShotClassification, CopaModel
+
+# The methods a user can pick, default first, with what each one learns (shown next to the choice).
+METHODS: dict[str, str] = {
+    "copa": "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)",
+    "url": "learns one map for both (nearest-centroid loss)",
+    "ncc": "learns nothing (cosine to the class means)",
+}
+EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
+# Colour-blind-safe palette (Okabe-Ito, then Tableau), one colour per class in the plot and the result cards.
+CLASS_COLOURS = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#D55E00",
+    "#56B4E9",
+    "#8C564B",
+    "#7F7F7F",
+    "#BCBD22",
+    "#17BECF",
+)
+_THUMBNAIL_SIDE = 72
+# Larger uploads are shrunk to this side once read (up to 80 full 4096-pixel images would hold 4 GB).
+WORKING_SIDE = 1024
+
+
+class TaskError(ValueError):
+    """A problem with what the user gave (not a bug): its message is shown to them as it is."""
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """Caps that keep one request small enough for a shared CPU Space; `describe()` states them in the UI."""
+
+    max_classes: int = 5
+    max_images_per_class: int = 20
+    max_support_images: int = 60
+    max_query_images: int = 20
+    max_file_bytes: int = 5 * 1024 * 1024
+    max_image_side: int = 4096
+    max_name_length: int = 40
+
+    def describe(self) -> str:
+        return (
+            f"2 to {self.max_classes} classes, up to {self.max_images_per_class} images per class and "
+            f"{self.max_support_images} support images in all, up to {self.max_query_images} query images; "
+            f"each image at most {file_size(self.max_file_bytes)} and {self.max_image_side} pixels a side."
+        )
+
+
+def file_size(count: int) -> str:
+    """A byte count for people: 5 MB, 1.5 MB, 300 KB, 12 bytes."""
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{count} bytes"
+
+
+@dataclass
+class Task:
+    """A checked few-shot task: RGB support images with their class names, and named query images."""
+
+    support_images: list[PIL.Image.Image]
+    support_labels: list[str]
+    query_images: list[PIL.Image.Image]
+    query_names: list[str]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(dict.fromkeys(self.support_labels))
+
+
+def build_task(
+    classes: Sequence[tuple[str | None, Sequence[str | Path] | None]],
+    queries: Sequence[str | Path] | None,
+    limits: TaskLimits = TaskLimits(),
+) -> Task:
+    """Check and load a task: `classes` holds one (name, image files) pair per class slot; empty slots are
+    skipped. Raises `TaskError` with a message for the user on the first problem found."""
+    named: list[tuple[str, list[Path]]] = []
+    for slot, (raw_name, files) in enumerate(classes, start=1):
+        name = (raw_name or "").strip()
+        paths = [Path(f) for f in files or []]
+        if not name and not paths:
+            continue
+        if not name:
+            raise TaskError(f"Class {slot} has {len(paths)} image(s) but no name: type a name for it.")
+        if len(name) > limits.max_name_length:
+            raise TaskError(f"Class name {name[:20]!r}... is too long (at most {limits.max_name_length}).")
+        if not paths:
+            raise TaskError(f"Class {name!r} has no images: upload at least one (or clear its name).")
+        if len(paths) > limits.max_images_per_class:
+            raise TaskError(
+                f"Class {name!r} has {len(paths)} images; the limit is {limits.max_images_per_class} a class."
+            )
+        same = [other for other, _ in named if other.casefold() == name.casefold()]
+        if same:
+            raise TaskError(f"Classes {same[0]!r} and {name!r} have the same name: give each its own name.")
+        named.append((name, paths))
+    if len(named) < 2:
+        found = f" (only {named[0][0]!r})" if named else ""
+        raise TaskError(f"Name at least 2 classes and upload images for each{found}.")
+    if len(named) > limits.max_classes:
+        raise TaskError(f"{len(named)} classes given; the limit is {limits.max_classes}.")
+    total = sum(len(paths) for _, paths in named)
+    if total > limits.max_support_images:
+        raise TaskError(f"{total} support images given; the limit is {limits.max_support_images} in all.")
+    query_paths = [Path(f) for f in queries or []]
+    if not query_paths:
+        raise TaskError("Upload at least one query image: the images to classify.")
+    if len(query_paths) > limits.max_query_images:
+        raise TaskError(f"{len(query_paths)} query images given; the limit is {limits.max_query_images}.")
+
+    support_images, support_labels = [], []
+    for name, paths in named:
+        for path in paths:
+            support_images.append(load_image(path, f"class {name!r}", limits))
+            support_labels.append(name)
+    query_images = [load_image(path, "the query images", limits) for path in query_paths]
+    return Task(support_images, support_labels, query_images, [p.name for p in query_paths])
+
+
+def load_image(path: str | Path, where: str, limits: TaskLimits = TaskLimits()) -> PIL.Image.Image:
+    """One uploaded file -> an RGB image, checking its size before decoding it (no decompression bombs)."""
+    path = Path(path)
+    label = f"{path.name!r} ({where})"
+    if not path.is_file():
+        raise TaskError(
+            f"The file {label} is no longer on the server (uploads are deleted after each run); "
+            "upload it again."
+        )
+    size = path.stat().st_size
+    if size > limits.max_file_bytes:
+        raise TaskError(
+            f"The file {label} is {file_size(size)}; the limit is {file_size(limits.max_file_bytes)}."
+        )
+    try:
+        with PIL.Image.open(path) as image:
+            if max(image.size) > limits.max_image_side:
+                raise TaskError(
+                    f"The image {label} is {image.width}x{image.height} pixels; the limit is "
+                    f"{limits.max_image_side} pixels a side."
+                )
+            image.load()
+            rgb = to_rgb_image(image, name=label)
+            rgb = rgb.copy() if rgb is image else rgb  # independent of the file, which closes here
+    except TaskError:
+        raise
+    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError) as err:
+        kind = (
+            "not an image file that can be read"
+            if isinstance(err, PIL.UnidentifiedImageError)
+            else (f"a damaged or unsupported image ({err})")
+        )
+        raise TaskError(
+            f"The file {label} is {kind}; upload a PNG, JPEG, WebP, GIF, BMP or TIFF image."
+        ) from None
+    except (ValueError, TypeError) as err:  # to_rgb_image's own checks (e.g. an empty image)
+        raise TaskError(f"The file {label} cannot be used: {err}") from None
+    if max(rgb.size) > WORKING_SIDE:  # bounds a request's memory; the backbone sees 84 px or less anyway
+        rgb.thumbnail((WORKING_SIDE, WORKING_SIDE), PIL.Image.Resampling.LANCZOS)
+    return rgb
+
+
+# --- adaptation and the embedding space ------------------------------------------------------------------
+
+
+def prototype_image_gap(image_embeddings: torch.Tensor, prototype_embeddings: torch.Tensor) -> float:
+    """The gap the CoPA paper studies: ‖mean of image embeddings − mean of prototype embeddings‖, both
+    L2-normalised first (the classifier compares directions only, so that is the space it sees)."""
+    images = F.normalize(image_embeddings.double(), dim=-1, eps=NORM_EPS)
+    prototypes = F.normalize(prototype_embeddings.double(), dim=-1, eps=NORM_EPS)
+    return float(torch.linalg.vector_norm(images.mean(0) - prototypes.mean(0)))
+
+
+@dataclass
+class EmbeddingView:
+    """One embedding space of a task: L2-normalised support images, prototypes and queries, [N, d] each."""
+
+    title: str
+    support: np.ndarray
+    prototypes: np.ndarray
+    queries: np.ndarray
+    gap: float
+
+    @classmethod
+    def from_embeddings(
+        cls, title: str, support: torch.Tensor, prototypes: torch.Tensor, queries: torch.Tensor
+    ) -> EmbeddingView:
+        def unit(x: torch.Tensor) -> np.ndarray:
+            return F.normalize(x.double(), dim=-1, eps=NORM_EPS).numpy()
+
+        gap = prototype_image_gap(support, prototypes)
+        return cls(title, unit(support), unit(prototypes), unit(queries), gap)
+
+    def projection_2d(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(support, prototypes, queries) as 2-D points: PCA of all three together, signs fixed."""
+        points = np.concatenate([self.support, self.prototypes, self.queries])
+        coords = pca_2d(points)
+        first, second = len(self.support), len(self.support) + len(self.prototypes)
+        return coords[:first], coords[first:second], coords[second:]
+
+
+def pca_2d(points: np.ndarray) -> np.ndarray:
+    """[N, d] -> [N, 2]: the first two principal components (zero-padded below rank 2), deterministic signs
+    (each axis' largest loading positive) so that a rerun draws the same picture."""
+    centred = points - points.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])
+    coords = centred @ (axes * np.where(signs == 0, 1, signs)[:, None]).T
+    if coords.shape[1] < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
+    return coords
+
+
+def embedding_views(
+    head: AdaptedHead, support_features: torch.Tensor, query_features: torch.Tensor
+) -> tuple[EmbeddingView, EmbeddingView]:
+    """The task before adaptation (backbone features, prototypes = class means) and after it, through the
+    head's own maps: Θ_I for images and Θ_P for prototypes (CoPA), one map for both (URL), none (NCC)."""
+    support = support_features.to(head.prototypes)
+    queries = query_features.to(head.prototypes)
+    before = EmbeddingView.from_embeddings("Before adaptation", support, head.prototypes, queries)
+    if head.image_projection is None and head.prototype_projection is None:
+        title = f"After adaptation ({head.method}: nothing learned, same space)"
+    elif head.prototype_projection is None or torch.equal(head.image_projection, head.prototype_projection):
+        title = f"After adaptation ({head.method}: one map Θ for images and prototypes)"
+    else:
+        title = f"After adaptation ({head.method}: Θ_I for images, Θ_P for prototypes)"
+    after = EmbeddingView.from_embeddings(
+        title, head.project_images(support), head.projected_prototypes(), head.project_images(queries)
+    )
+    return before, after
+
+
+@dataclass
+class TaskResult:
+    """What one run produced: probabilities [Nq, C] (columns in `labels` order), timing, both views."""
+
+    method: str
+    hyperparameters: dict[str, Any]
+    labels: list[Hashable]
+    query_names: list[str]
+    query_images: list[PIL.Image.Image]
+    probabilities: np.ndarray
+    adaptation_seconds: float
+    support_labels: list[str]
+    support_images: list[PIL.Image.Image]
+    before: EmbeddingView
+    after: EmbeddingView
+    classifier: CopaForFewShotClassification = field(repr=False)
+
+    def predictions(self) -> list[dict[str, Any]]:
+        """Per query image: its name, the best class, and every class's probability (best first)."""
+        results = []
+        for name, row in zip(self.query_names, self.probabilities.tolist(), strict=True):
+            order = sorted(range(len(row)), key=lambda i: -row[i])
+            results.append(
+                {
+                    "image": name,
+                    "label": self.labels[order[0]],
+                    "probabilities": {self.labels[i]: row[i] for i in order},
+                }
+            )
+        return results
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "hyperparameters": self.hyperparameters,
+            "classes": list(self.labels),
+            "adaptation_seconds": self.adaptation_seconds,
+            "gap_before": self.before.gap,
+            "gap_after": self.after.gap,
+            "predictions": self.predictions(),
+        }
+
+
+def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparameters: Any) -> TaskResult:
+    """Adapt `model` to the task with `method` (hyperparameters default to the model's config) and classify
+    the queries. `adaptation_seconds` covers what a user waits for: support features plus fitting the head."""
+    if method not in METHODS:
+        raise TaskError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    started = time.perf_counter()
+    classifier = model.adapt(task.support_images, task.support_labels, method=method, **hyperparameters)
+    seconds = time.perf_counter() - started
+    head = classifier.head
+    support_features = model.extract_features(task.support_images)
+    query_features = model.extract_features(task.query_images)
+    probabilities = torch.softmax(head.logits(query_features), dim=-1).double().numpy()
+    before, after = embedding_views(head, support_features, query_features)
+    return TaskResult(
+        method=method,
+        hyperparameters=dict(head.hyperparameters),
+        labels=classifier.labels,
+        query_names=list(task.query_names),
+        query_images=list(task.query_images),
+        probabilities=probabilities,
+        adaptation_seconds=seconds,
+        support_labels=list(task.support_labels),
+        support_images=list(task.support_images),
+        before=before,
+        after=after,
+        classifier=classifier,
+    )
+
+
+# --- presentation ----------------------------------------------------------------------------------------
+
+
+def class_colour(index: int) -> str:
+    return CLASS_COLOURS[index % len(CLASS_COLOURS)]
+
+
+def embedding_figure(result: TaskResult) -> Figure:
+    """Two panels, before and after adaptation: support images (dots), prototypes (stars) and queries
+    (diamonds, coloured by their predicted class), in a 2-D PCA of each space, with the gap in the title."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError as err:  # pragma: no cover - the demo extra installs it
+        raise ImportError("The embedding plot needs matplotlib: pip install 'hf-copa[demo]'.") from err
+
+    label_index = {label: i for i, label in enumerate(result.labels)}
+    support_colours = [class_colour(label_index[label]) for label in result.support_labels]
+    predicted = result.probabilities.argmax(1)
+    figure = Figure(figsize=(11, 5.6), dpi=100, layout="constrained")
+    axes = figure.subplots(1, 2)
+    for ax, view in zip(axes, (result.before, result.after), strict=True):
+        support, prototypes, queries = view.projection_2d()
+        ax.scatter(support[:, 0], support[:, 1], c=support_colours, s=40, alpha=0.6, linewidths=0)
+        ax.scatter(
+            prototypes[:, 0],
+            prototypes[:, 1],
+            c=[class_colour(i) for i in range(len(prototypes))],
+            marker="*",
+            s=420,
+            edgecolors="black",
+            linewidths=1.2,
+            zorder=3,
+        )
+        ax.scatter(
+            queries[:, 0],
+            queries[:, 1],
+            facecolors="white",
+            edgecolors=[class_colour(int(i)) for i in predicted],
+            marker="D",
+            s=70,
+            linewidths=2,
+            zorder=4,
+        )
+        for number, (x, y) in enumerate(queries, start=1):
+            ax.annotate(str(number), (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8, zorder=5)
+        image_mean, prototype_mean = support.mean(0), prototypes.mean(0)
+        ax.plot(*zip(image_mean, prototype_mean, strict=True), "k--", linewidth=1.5, zorder=2)
+        ax.scatter(*image_mean, marker="o", s=90, c="white", edgecolors="black", linewidths=1.5, zorder=3)
+        ax.scatter(*prototype_mean, marker="s", s=70, c="white", edgecolors="black", linewidths=1.5, zorder=3)
+        ax.set_title(f"{view.title}\nprototype–image gap = {view.gap:.3f}", fontsize=11)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.grid(alpha=0.25)
+    class_handles = [
+        Line2D([], [], marker="o", linestyle="", color=class_colour(i), markersize=9, label=str(label))
+        for i, label in enumerate(result.labels)
+    ]
+    grey = {"linestyle": "", "markeredgecolor": "black"}
+    kind_handles = [
+        Line2D(
+            [], [], marker="o", color="#999999", alpha=0.6, linestyle="", markersize=7, label="support image"
+        ),
+        Line2D([], [], marker="*", color="#999999", **grey, markersize=16, label="prototype (class mean)"),
+        Line2D(
+            [],
+            [],
+            marker="D",
+            markerfacecolor="white",
+            **grey,
+            markersize=8,
+            label="query (edge: predicted class)",
+        ),
+        Line2D([], [], marker="o", markerfacecolor="white", **grey, markersize=9, label="mean of images"),
+        Line2D([], [], marker="s", markerfacecolor="white", **grey, markersize=8, label="mean of prototypes"),
+        Line2D([], [], color="black", linestyle="--", label="gap (drawn in 2-D)"),
+    ]
+    figure.legend(
+        handles=class_handles + kind_handles,
+        loc="outside lower center",
+        ncol=min(6, len(class_handles) + len(kind_handles)),
+        frameon=False,
+        fontsize=9,
+    )
+    return figure
+
+
+# Inline styles (the HTML must look right wherever it is shown); colours follow the gradio theme's variables.
+_STYLES = {
+    "results": "display:grid;gap:10px;grid-template-columns:repeat(auto-fill,minmax(300px,1fr))",
+    "card": "display:flex;gap:12px;padding:10px;border:1px solid var(--border-color-primary,#e5e7eb);"
+    "border-radius:10px;background:var(--block-background-fill)",
+    "thumbnail": f"width:{_THUMBNAIL_SIDE}px;height:{_THUMBNAIL_SIDE}px;object-fit:contain;"
+    "image-rendering:pixelated;border-radius:6px;background:#fff;flex:none",
+    "body": "flex:1;min-width:0",
+    "name": "font-size:12px;opacity:0.7",
+    "prediction": "font-weight:600;font-size:16px;margin:2px 0 4px",
+    "row": "display:flex;align-items:center;gap:6px;font-size:13px;margin:2px 0",
+    "label": "width:38%;overflow:hidden;text-overflow:ellipsis;white-space:nowrap",
+    "track": "flex:1;height:10px;background:var(--border-color-primary,#e5e7eb);border-radius:5px;"
+    "overflow:hidden",
+    "bar": "display:block;height:100%",
+    "value": "width:52px;text-align:right",
+    "support": "display:flex;flex-wrap:wrap;align-items:center;gap:6px 18px;margin:0 0 10px;font-size:13px",
+    "support_class": "display:flex;align-items:center;gap:3px",
+    "support_thumbnail": "width:34px;height:34px;object-fit:contain;image-rendering:pixelated;"
+    "border-radius:4px;background:#fff;border-bottom:3px solid",
+}
+
+
+def predictions_html(result: TaskResult) -> str:
+    """The support set as thumbnails per class, then one card per query image: its thumbnail, the predicted
+    class, and a bar for every class's probability (images inline, so nothing is kept on the server)."""
+    label_index = {label: i for i, label in enumerate(result.labels)}
+    style = _STYLES
+    cards = []
+    for number, (prediction, image) in enumerate(
+        zip(result.predictions(), result.query_images, strict=True), start=1
+    ):
+        rows = "".join(
+            f'<div class="copa-class" style="{style["row"]}">'
+            f'<span style="{style["label"]}">{html.escape(str(label))}</span>'
+            f'<span style="{style["track"]}"><span style="{style["bar"]};width:{probability * 100:.1f}%;'
+            f'background:{class_colour(label_index[label])}"></span></span>'
+            f'<span class="copa-probability" style="{style["value"]}">{probability:.1%}</span></div>'
+            for label, probability in prediction["probabilities"].items()
+        )
+        best = prediction["label"]
+        best_colour = class_colour(label_index[best])
+        cards.append(
+            f'<div class="copa-card" style="{style["card"]}">'
+            f'<img src="{thumbnail_data_url(image)}" alt="query {number}" style="{style["thumbnail"]}">'
+            f'<div style="{style["body"]}">'
+            f'<div style="{style["name"]}">#{number} · {html.escape(prediction["image"])}</div>'
+            f'<div class="copa-prediction" style="{style["prediction"]};color:{best_colour}">'
+            f"{html.escape(str(best))} · {prediction['probabilities'][best]:.0%}</div>{rows}</div></div>"
+        )
+    support = "".join(
+        f'<span style="{style["support_class"]}"><b style="color:{class_colour(index)};margin-right:3px">'
+        f"{html.escape(str(label))}</b>"
+        + "".join(
+            f'<img src="{thumbnail_data_url(image, 68)}" alt="{html.escape(str(label))}" '
+            f'style="{style["support_thumbnail"]} {class_colour(index)}">'
+            for image, image_label in zip(result.support_images, result.support_labels, strict=True)
+            if image_label == label
+        )
+        + "</span>"
+        for index, label in enumerate(result.labels)
+    )
+    return (
+        f'<div class="copa-support" style="{style["support"]}"><span style="opacity:0.7">Support set:</span>'
+        f'{support}</div><div class="copa-results" style="{style["results"]}">{"".join(cards)}</div>'
+    )
+
+
+def thumbnail_data_url(image: PIL.Image.Image, side: int = _THUMBNAIL_SIDE * 2) -> str:
+    """A small PNG of the image inline (data: URL), so that showing it needs no file kept on the server."""
+    thumbnail = image.copy()
+    thumbnail.thumbnail((side, side))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def summary_markdown(result: TaskResult) -> str:
+    """The run in two lines: method, classes, time taken, hyperparameters, and the gap before and after."""
+    settings = ", ".join(f"{key}={value:g}" for key, value in result.hyperparameters.items())
+    return (
+        f"**{result.method}** adapted to **{len(result.labels)} classes** from "
+        f"{len(result.support_labels)} support images in **{result.adaptation_seconds:.2f} s** "
+        f"(support features + fitting the head; {settings}), "
+        f"then classified {len(result.query_names)} query image(s).\n\n"
+        f"Prototype–image gap ‖mean of image embeddings − mean of prototype embeddings‖ (L2-normalised "
+        f"support embeddings): **{result.before.gap:.3f}** before → **{result.after.gap:.3f}** after "
+        "adaptation."
+    )
+
+
+# --- the Hub ---------------------------------------------------------------------------------------------
+
+
+def push_classifier(classifier: CopaForFewShotClassification, repo_id: str | None, token: str | None) -> str:
+    """Push the adapted head to `repo_id` with the user's token; returns the commit URL, or raises TaskError
+    with a message that says what to fix (the token itself is never echoed)."""
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id, token = (repo_id or "").strip(), (token or "").strip()
+    if not repo_id or not token:
+        raise TaskError(
+            "Give a repository id (your-name/copa-head) and a Hugging Face token with write access."
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise TaskError(
+            f"{repo_id!r} is not a valid repository id; use the form your-name/copa-head."
+        ) from None
+    # The HTTP client's base error (httpx's HTTPError): connection failures are not HfHubHTTPErrors.
+    http_errors = tuple(c for c in HfHubHTTPError.__mro__ if c.__name__ == "HTTPError")
+    try:
+        commit = classifier.push_to_hub(repo_id, token=token)
+    except http_errors as err:
+        response = getattr(err, "response", None) if isinstance(err, HfHubHTTPError) else None
+        status = getattr(response, "status_code", None)
+        reason = {401: "the token was rejected", 403: "the token may not write to this repository"}.get(
+            status, f"the Hub answered {status}" if status else "the Hub could not be reached"
+        )
+        raise TaskError(f"Could not push to {repo_id!r}: {reason}.") from None
+    except (ValueError, TypeError, OSError) as err:
+        raise TaskError(f"Could not push to {repo_id!r}: {err}") from None
+    return commit.commit_url
+
+
+# --- bundled examples ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExampleTask:
+    """A bundled task of real images: (class name, image paths) per class, and query image paths."""
+
+    title: str
+    classes: list[tuple[str, list[Path]]]
+    queries: list[Path]
+
+
+def example_tasks() -> dict[str, ExampleTask]:
+    """The example tasks by key: the package's Quick, Draw! sample and those under `assets/examples`."""
+    sources = {"quickdraw": ("Quick, Draw! sketches", sample_task_dir("quickdraw"))}
+    titles = {
+        "fashion_mnist": "Fashion-MNIST clothes",
+        "mnist": "MNIST digits",
+        "omniglot": "Omniglot letters",
+    }
+    for key, title in titles.items():
+        if (EXAMPLES_DIR / key).is_dir():
+            sources[key] = (title, EXAMPLES_DIR / key)
+    tasks = {}
+    for key, (title, folder) in sources.items():
+        paths, labels = load_class_folders(folder / "support")
+        classes = [
+            (name, [p for p, label in zip(paths, labels, strict=True) if label == name])
+            for name in dict.fromkeys(labels)
+        ]
+        queries, _ = load_class_folders(folder / "query")
+        names = ", ".join(name for name, _ in classes)
+        title = f"{title}: {names}" if len(names) < 40 else f"{title} ({len(classes)} classes)"
+        tasks[key] = ExampleTask(title, classes, queries)
+    return tasks

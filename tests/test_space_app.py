@@ -1,0 +1,620 @@
+"""The Space (spaces/copa-few-shot): its logic (hf_copa.interactive), and the app itself, started with
+`python spaces/copa-few-shot/app.py` on 127.0.0.1 and driven with gradio_client on real images."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import hf_copa
+from hf_copa.interactive import (
+    TaskError,
+    TaskLimits,
+    build_task,
+    embedding_views,
+    example_tasks,
+    load_image,
+    pca_2d,
+    prototype_image_gap,
+)
+from hf_copa.pretrained import load_model
+from hf_copa.testing.local_hub import LocalHub
+
+from .conftest import REPO_ROOT, SHARED_DIR
+
+APP = REPO_ROOT / "spaces" / "copa-few-shot" / "app.py"
+STARTUP_LIMIT_S = 240  # only bounds a hung start; a healthy one takes seconds
+CLASSES = ("airplane", "cat", "ship")  # CIFAR-10 test images: real photos
+SHOTS, QUERIES_PER_CLASS = 4, 2
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally, but fail in CI (CI=true): a Space test must never silently not run there."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: the Space tests must run)")
+    pytest.skip(reason)
+
+
+def require_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        unavailable(f"{name} is not installed: pip install -e '.[dev]'")
+
+
+# --- the app as a process -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningSpace:
+    url: str
+    upload_dir: Path
+    log: list[str]
+
+    def holds(self, paths) -> list[Path]:
+        """The copies of these files that gradio's upload cache still holds (uploads keep their file name)."""
+        names = {Path(path).name for path in paths}
+        if not self.upload_dir.exists():
+            return []
+        return [p for p in self.upload_dir.rglob("*") if p.is_file() and p.name in names]
+
+
+class SpaceProcess:
+    """`python spaces/copa-few-shot/app.py`, run from another folder with its uploads under `workdir`.
+
+    Starting returns at once (the app imports torch and gradio meanwhile); `serving()` waits for its URL.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.upload_dir = workdir / "gradio-uploads"
+        env = dict(os.environ if env is None else env)
+        env.pop("MODEL_ID", None)
+        env.pop("GRADIO_SERVER_NAME", None)  # the default must be 127.0.0.1
+        env.update(
+            GRADIO_TEMP_DIR=str(self.upload_dir),
+            GRADIO_ANALYTICS_ENABLED="False",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, str(APP)],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.log: list[str] = []
+        self._started: queue.Queue[str | None] = queue.Queue()
+        self._running: RunningSpace | None = None
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:  # read the whole output, so a chatty server never blocks on a full pipe
+        for line in self.process.stdout:
+            self.log.append(line)
+            if "Running on local URL:" in line:
+                self._started.put(line.split("URL:", 1)[1].strip().rstrip("/"))
+        self._started.put(None)
+
+    def serving(self) -> RunningSpace:
+        if self._running is None:
+            try:
+                url = self._started.get(timeout=STARTUP_LIMIT_S)
+            except queue.Empty:
+                url = None
+            if url is None:
+                pytest.fail("The Space did not start:\n" + "".join(self.log))
+            self._running = RunningSpace(url, self.upload_dir, self.log)
+        return self._running
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# --- fixtures -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageTask:
+    support: dict[str, list[Path]]
+    queries: list[Path]
+
+
+@pytest.fixture(scope="module")
+def real_task(tmp_path_factory) -> ImageTask:
+    """CIFAR-10 test photos: 4 support (PNG) and 2 query (JPEG) images of each of 3 classes."""
+    source = SHARED_DIR / "datasets" / "cifar10"
+    if not source.is_dir():
+        unavailable(f"the shared datasets are not at {source.parent} (set HF_COPA_SHARED)")
+    datasets = require_module("datasets")
+    split = datasets.load_dataset(str(source), split="test")
+    names = split.features["label"].names
+    labels = np.asarray(split["label"])
+    folder = tmp_path_factory.mktemp("cifar10")
+    support, queries = {}, []
+    for name in CLASSES:
+        rows = np.flatnonzero(labels == names.index(name))[: SHOTS + QUERIES_PER_CLASS]
+        support[name] = []
+        for k, row in enumerate(rows):
+            image = split[int(row)]["image"]
+            if k < SHOTS:
+                support[name].append(folder / f"{name}_{k}.png")
+                image.save(support[name][-1])
+            else:
+                queries.append(folder / f"query_{name}_{k}.jpg")
+                image.save(queries[-1], quality=95)
+    return ImageTask(support, queries)
+
+
+_SHARED: dict[str, tuple[SpaceProcess, LocalHub]] = {}
+
+
+def shared_space(request, tmp_path_factory) -> tuple[SpaceProcess, LocalHub]:
+    """One app process (and the local Hub it pushes to) for the whole session: both Space test modules use
+    it, so it starts once. Stopped when the session ends."""
+    if "space" not in _SHARED:
+        if importlib.util.find_spec("gradio") is None:  # (not imported here: the app process imports it)
+            unavailable("gradio is not installed: pip install -e '.[dev]'")
+        stack = ExitStack()
+        request.session.config.add_cleanup(stack.close)  # at the end of the session, whoever asked first
+        hub = stack.enter_context(LocalHub(tmp_path_factory.mktemp("hub")))
+        workdir = tmp_path_factory.mktemp("space")
+        process = SpaceProcess(workdir, hub.client_env(workdir / "hf-home"))
+        stack.callback(process.stop)
+        stack.callback(_SHARED.clear)
+        _SHARED["space"] = (process, hub)
+    return _SHARED["space"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_the_space_early(request, tmp_path_factory) -> None:
+    """Start the app before the in-process tests, so that its start-up overlaps them."""
+    if importlib.util.find_spec("gradio") is not None:
+        shared_space(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def space(request, tmp_path_factory) -> RunningSpace:
+    return shared_space(request, tmp_path_factory)[0].serving()
+
+
+@pytest.fixture(scope="session")
+def hub(request, tmp_path_factory) -> LocalHub:
+    return shared_space(request, tmp_path_factory)[1]
+
+
+@pytest.fixture
+def client(space):
+    """A fresh gradio_client session (its own state) per test."""
+    gradio_client = require_module("gradio_client")
+    return gradio_client.Client(space.url, verbose=False, download_files=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def gallery(paths) -> list[dict]:
+    from gradio_client import handle_file
+
+    return [{"image": handle_file(str(path)), "caption": None} for path in paths]
+
+
+OUTPUTS = ("status", "html", "plot", "json", *(f"class_{i}_images" for i in range(1, 6)), "query_images")
+
+
+def classify(
+    client, classes: list[tuple[str, list[Path]]], queries: list[Path], method: str = "copa"
+) -> dict:
+    """Call the app's /classify endpoint by parameter name; the outputs by name."""
+    arguments = {}
+    for index in range(1, 6):
+        name, paths = classes[index - 1] if index <= len(classes) else ("", [])
+        arguments[f"class_{index}_name"] = name
+        arguments[f"class_{index}_images"] = gallery(paths)
+    outputs = client.predict(**arguments, query_images=gallery(queries), method=method, api_name="/classify")
+    return dict(zip(OUTPUTS, outputs, strict=True))
+
+
+def decoded_plot(plot: dict) -> PIL.Image.Image:
+    assert plot["type"] == "matplotlib"
+    header, data = plot["plot"].split(",", 1)
+    assert header == "data:image/png;base64"
+    return PIL.Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+# --- the Space's files ----------------------------------------------------------------------------------
+
+
+def test_space_card_and_requirements_match_the_package():
+    """The front matter Spaces reads, and a requirements file that installs hf_copa with its demo extra."""
+    import tomllib
+
+    from huggingface_hub import SpaceCard
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    card = SpaceCard.load(APP.parent / "README.md").data
+    assert card.sdk == "gradio" and (APP.parent / card.app_file).resolve() == APP
+    gradio_spec = next(
+        Requirement(r) for r in project["optional-dependencies"]["demo"] if r.startswith("gradio")
+    )
+    assert Version(card.sdk_version) in gradio_spec.specifier
+    assert card.python_version == "3.11" and Version(card.python_version) in SpecifierSet(
+        project["requires-python"]
+    )
+    assert card.license == project["license"].lower() and card.models and card.short_description
+    assert len(card.short_description) <= 60  # the Hub's limit
+
+    lines = (APP.parent / "requirements.txt").read_text().splitlines()
+    requirements = [Requirement(line) for line in lines if line.strip() and not line.startswith(("#", "-"))]
+    package = next(r for r in requirements if r.name == project["name"])
+    assert package.extras == {"demo"} and package.specifier.contains(project["version"])
+    torch = next(r for r in requirements if r.name == "torch")
+    torch_spec = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch")).specifier
+    assert all(torch_spec.contains(spec.version) for spec in torch.specifier)
+
+
+# --- hf_copa.interactive: the logic, in process ---------------------------------------------------------
+
+
+def test_gap_is_the_distance_between_the_means_of_normalised_embeddings():
+    images = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised: e1, e2 -> mean (0.5, 0.5)
+    prototypes = torch.tensor([[5.0, 5.0]])  # normalised: (1, 1) / sqrt 2
+    expected = math.sqrt(2) * (1 / math.sqrt(2) - 0.5)
+    assert prototype_image_gap(images, prototypes) == pytest.approx(expected, rel=1e-12)
+    assert prototype_image_gap(images, images) == 0.0
+
+
+def test_pca_2d_keeps_distances_of_planar_points_and_its_signs_do_not_depend_on_row_order():
+    generator = np.random.default_rng(0)
+    basis = np.linalg.qr(generator.normal(size=(6, 2)))[0]  # an orthonormal 2-D plane in R^6
+    points = generator.normal(size=(9, 2)) @ basis.T + generator.normal(size=6)
+    coords = pca_2d(points)
+    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    np.testing.assert_allclose(np.linalg.norm(coords[:, None] - coords[None], axis=-1), distances, atol=1e-9)
+    order = generator.permutation(len(points))
+    np.testing.assert_allclose(pca_2d(points[order]), coords[order], atol=1e-9)
+    assert pca_2d(points[:1]).shape == (1, 2)  # below rank 2: zero-padded, no error
+
+
+@pytest.mark.parametrize("method", ["copa", "url", "ncc"])
+def test_the_after_view_is_what_the_classifier_compares(method):
+    """The plotted 'after' embeddings are the head's own maps: their scaled cosines are the logits."""
+    generator = torch.Generator().manual_seed(0)
+    support = torch.rand(12, 16, generator=generator)
+    labels = torch.arange(3).repeat(4)
+    queries = torch.rand(5, 16, generator=generator)
+    head = hf_copa.adapt(support, labels, method=method)
+    before, after = embedding_views(head, support, queries)
+    logits = head.scale * torch.from_numpy(after.queries @ after.prototypes.T).float()
+    torch.testing.assert_close(logits, head.logits(queries), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.from_numpy(before.prototypes), torch.nn.functional.normalize(head.prototypes.double(), dim=-1)
+    )
+    if method == "ncc":
+        np.testing.assert_array_equal(after.support, before.support)
+        assert after.gap == before.gap
+    else:
+        assert after.gap != pytest.approx(before.gap)
+
+
+def png(path: Path, size=(8, 8), colour=(200, 30, 30)) -> Path:
+    PIL.Image.new("RGB", size, colour).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("class without images", "Class 'b' has no images"),
+        ("images without a name", "Class 2 has 1 image(s) but no name"),
+        ("one class", "at least 2 classes"),
+        ("same name twice", "Classes 'A' and 'a' have the same name"),
+        ("no query", "at least one query image"),
+        ("too many in a class", "Class 'a' has 3 images; the limit is 2"),
+        ("too many in all", "5 support images given; the limit is 4"),
+        ("too many queries", "4 query images given; the limit is 3"),
+        ("file too big", "is 1.5 KB; the limit is 1 KB"),
+        ("image too wide", "is 50x8 pixels; the limit is 40"),
+        ("not an image", "'notes.png' (class 'a') is not an image file that can be read"),
+        ("truncated image", "'cut.png' (class 'a') is a damaged or unsupported image"),
+        ("deleted upload", "no longer on the server"),
+    ],
+)
+def test_build_task_says_what_is_wrong(tmp_path, case, message):
+    limits = TaskLimits(max_images_per_class=2, max_support_images=4, max_query_images=3, max_image_side=40)
+    a, b, q = png(tmp_path / "a.png"), png(tmp_path / "b.png", colour=(0, 0, 200)), png(tmp_path / "q.png")
+    classes, queries = [("a", [a]), ("b", [b])], [q]
+    if case == "class without images":
+        classes[1] = ("b", [])
+    elif case == "images without a name":
+        classes[1] = ("  ", [b])
+    elif case == "one class":
+        classes = [("a", [a]), (None, None)]
+    elif case == "same name twice":
+        classes = [("A", [a]), ("a ", [b])]
+    elif case == "no query":
+        queries = []
+    elif case == "too many in a class":
+        classes[0] = ("a", [a, a, a])
+    elif case == "too many in all":
+        classes = [("a", [a, a]), ("b", [b, b]), ("c", [a])]
+    elif case == "too many queries":
+        queries = [q] * 4
+    elif case == "file too big":
+        (tmp_path / "big.png").write_bytes(a.read_bytes() + bytes(1536 - a.stat().st_size))
+        classes[1] = ("b", [tmp_path / "big.png"])
+        limits = TaskLimits(max_file_bytes=1024)
+    elif case == "image too wide":
+        classes[0] = ("a", [png(tmp_path / "wide.png", size=(50, 8))])
+    elif case == "not an image":
+        (tmp_path / "notes.png").write_text("not an image")
+        classes[0] = ("a", [tmp_path / "notes.png"])
+    elif case == "truncated image":
+        noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        PIL.Image.fromarray(noise).save(tmp_path / "whole.png")
+        (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:1500])
+        classes[0] = ("a", [tmp_path / "cut.png"])
+    elif case == "deleted upload":
+        queries = [tmp_path / "gone.png"]
+    with pytest.raises(TaskError) as caught:
+        build_task(classes, queries, limits)
+    assert message in str(caught.value)
+    assert build_task([("a", [a]), ("b", [b])], [q], limits).class_names == [
+        "a",
+        "b",
+    ]  # the valid task passes
+
+
+def test_images_are_read_into_memory_as_rgb_and_large_ones_shrunk(tmp_path):
+    path = tmp_path / "wide.png"
+    PIL.Image.new("L", (1500, 300), 90).save(path)
+    image = load_image(path, "a test")
+    path.unlink()  # the image no longer depends on the (deleted) upload
+    assert image.mode == "RGB" and image.size == (1024, 205)
+    assert np.asarray(image).shape == (205, 1024, 3) and np.all(np.asarray(image) == 90)
+
+
+def test_every_bundled_example_is_a_valid_task_of_real_images():
+    tasks = example_tasks()
+    assert {"quickdraw", "fashion_mnist", "mnist", "omniglot"} <= set(tasks)
+    for task in tasks.values():
+        loaded = build_task(task.classes, task.queries)
+        assert len(loaded.class_names) >= 3 and len(loaded.query_images) >= 6
+        for path in [p for _, paths in task.classes for p in paths] + task.queries:
+            assert path.stat().st_size < 8_000  # a few KB each
+
+
+# --- the app module, in process -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_module(tmp_path_factory):
+    require_module("gradio")
+    spec = importlib.util.spec_from_file_location("copa_space_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_queue_is_on_and_one_adaptation_runs_at_a_time(app_module):
+    demo = app_module.demo
+    classify_fn = next(fn for fn in demo.fns.values() if fn.api_name == "classify")
+    assert classify_fn.queue and classify_fn.concurrency_limit == 1
+    assert demo._queue.max_size is not None  # a full queue tells users so instead of growing without bound
+    assert app_module.LIMITS.max_file_bytes == TaskLimits().max_file_bytes  # also passed to launch()
+
+
+def test_delete_uploads_removes_only_user_files_in_the_upload_folder(app_module, tmp_path, monkeypatch):
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    (uploads / "h1").mkdir(parents=True)
+    user_file = png(uploads / "h1" / "mine.png")
+    example = next(iter(example_tasks().values())).queries[0]
+    (uploads / "h2").mkdir()
+    cached_example = uploads / "h2" / example.name
+    cached_example.write_bytes(example.read_bytes())
+    outside = png(tmp_path / "elsewhere.png")
+    deleted = app_module.delete_uploads([str(user_file), str(cached_example), str(outside), str(uploads)])
+    assert deleted == 1
+    assert not user_file.exists() and not (uploads / "h1").exists()
+    assert cached_example.exists() and outside.exists()
+
+
+def test_a_server_error_is_a_message_and_the_uploads_are_still_deleted(
+    app_module, tmp_path, monkeypatch, caplog
+):
+    uploads = tmp_path / "uploads"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    files = []
+    for index, colour in enumerate([(1, 2, 3), (4, 5, 6), (7, 8, 9)]):
+        (uploads / str(index)).mkdir(parents=True)
+        files.append(png(uploads / str(index) / f"{index}.png", colour=colour))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal detail")
+
+    monkeypatch.setattr(app_module, "run_task", broken)
+    empty_slots = ["", None] * 3
+    out = app_module.classify(
+        "a",
+        [(str(files[0]), None)],
+        "b",
+        [(str(files[1]), None)],
+        *empty_slots,
+        [(str(files[2]), None)],
+        "copa",
+    )
+    assert out[0].startswith("⚠️ Something went wrong on the server") and "internal detail" not in out[0]
+    assert out[1:5] == ("", None, None, None)  # no stale results, no head to push
+    assert "classification failed" in caplog.text and "internal detail" in caplog.text  # logged for us
+    assert not any(path.exists() for path in files)
+    assert out[5:] == (None, None, app_module.gr.skip(), app_module.gr.skip(), app_module.gr.skip(), None)
+
+
+def test_load_example_fills_every_slot(app_module):
+    values = app_module.load_example("fashion_mnist")
+    names, galleries = values[0:10:2], values[1:10:2]
+    assert names == ("ankle boot", "bag", "sneaker", "trouser", "")
+    assert [len(g) for g in galleries[:4]] == [5, 5, 5, 5] and galleries[4] is None
+    assert len(values[10]) == 8 and all(Path(p).is_file() for p in values[10])
+
+
+# --- the app served on 127.0.0.1, driven with gradio_client ----------------------------------------------
+
+
+def test_the_page_is_served_on_localhost(space):
+    import httpx
+
+    assert space.url.startswith("http://127.0.0.1:")
+    page = httpx.get(space.url + "/", timeout=30)
+    assert page.status_code == 200 and "CoPA few-shot classification" in page.text
+    config = httpx.get(space.url + "/config", timeout=30).json()
+    assert config["enable_queue"] is True
+
+
+@pytest.mark.parametrize("method", ["copa", "url", "ncc"])
+def test_classifies_real_images(client, space, real_task, model, method):
+    classes = list(real_task.support.items())
+    out = classify(client, classes, real_task.queries, method)
+
+    result = out["json"]
+    assert result["method"] == method and result["classes"] == sorted(CLASSES)
+    assert result["hyperparameters"] == model.config.adaptation_hyperparameters(method)
+    predictions = result["predictions"]
+    assert [p["image"] for p in predictions] == [q.name for q in real_task.queries]
+    for prediction in predictions:
+        probabilities = prediction["probabilities"]
+        assert set(probabilities) == set(CLASSES)
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert prediction["label"] == max(probabilities, key=probabilities.get)
+    # The numbers are the package's own: adapting here on the same files gives the same probabilities.
+    paths = [p for _, ps in classes for p in ps]
+    labels = [name for name, ps in classes for _ in ps]
+    expected = model.adapt(paths, labels, method=method).predict(real_task.queries)
+    for got, want in zip(predictions, expected, strict=True):
+        for item in want:
+            assert got["probabilities"][item["label"]] == pytest.approx(item["score"], abs=1e-4)
+
+    assert math.isfinite(result["gap_before"]) and math.isfinite(result["gap_after"])
+    if method == "ncc":
+        assert result["gap_after"] == result["gap_before"]
+    else:
+        assert result["gap_after"] != pytest.approx(result["gap_before"])
+    assert f"**{method}** adapted to **3 classes** from 12 support images in" in out["status"]
+    assert f"{result['gap_before']:.3f}** before" in out["status"]
+    assert out["html"].count('class="copa-card"') == len(real_task.queries)
+    assert out["html"].count("<img") == len(real_task.queries) + len(paths)  # queries and support, inline
+    for query in real_task.queries:
+        assert query.name in out["html"]
+    figure = decoded_plot(out["plot"])
+    assert figure.width > figure.height > 300
+
+    # Nothing uploaded is kept: the files are gone and the galleries are cleared.
+    assert space.holds(paths + real_task.queries) == []
+    assert "were deleted from the server" in out["status"]
+    cleared = ("class_1_images", "class_2_images", "class_3_images", "query_images")
+    assert [out[name] for name in cleared] == [[]] * 4
+
+
+def test_bundled_examples_run_and_stay_available(client, space):
+    task = example_tasks()["quickdraw"]
+    classes, queries = [(name, paths[:2]) for name, paths in task.classes], task.queries[:2]
+    out = classify(client, classes, queries, "ncc")
+    assert len(out["json"]["predictions"]) == len(queries)
+    assert "deleted" not in out["status"]  # nothing a user uploaded; other sessions share these copies
+    examples = [p for _, paths in classes for p in paths] + queries
+    assert len(space.holds(examples)) == len(examples)
+    assert all(out[name] == {"__type__": "update"} for name in OUTPUTS[4:])  # galleries left as they are
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("class without images", "Class 'ship' has no images"),
+        ("images without a name", "Class 2 has 1 image(s) but no name"),
+        ("unreadable file", "'broken.png' (class 'airplane') is not an image file that can be read"),
+        ("single class", "Name at least 2 classes"),
+        ("no query", "Upload at least one query image"),
+        ("image too large", "pixels a side"),
+    ],
+)
+def test_bad_inputs_give_a_message_not_a_traceback(client, space, real_task, tmp_path, case, message):
+    classes = [(name, paths[:1]) for name, paths in real_task.support.items()]  # small: fewer uploads
+    queries = real_task.queries[:1]
+    if case == "class without images":
+        classes[2] = ("ship", [])
+    elif case == "images without a name":
+        classes[1] = ("", classes[1][1])
+    elif case == "unreadable file":
+        (tmp_path / "broken.png").write_bytes(b"this is text, not a PNG")
+        classes[0][1].append(tmp_path / "broken.png")
+    elif case == "single class":
+        classes = classes[:1]
+    elif case == "no query":
+        queries = []
+    elif case == "image too large":
+        queries.append(png(tmp_path / "panorama.png", size=(TaskLimits().max_image_side + 1, 2)))
+    out = classify(client, classes, queries)
+    assert out["status"].startswith("⚠️") and message in out["status"]
+    assert "Traceback" not in out["status"]
+    assert out["json"] is None and out["html"] == "" and out["plot"] is None
+    uploaded = [p for _, paths in classes for p in paths] + queries
+    assert space.holds(uploaded) == []  # deleted whatever the outcome
+    assert not any("Traceback" in line for line in space.log)  # a user's mistake is not a server error
+
+
+def test_push_to_hub_with_the_users_token(client, space, hub, real_task, model, tmp_path):
+    from huggingface_hub import HfApi, snapshot_download
+
+    from hf_copa import CopaForFewShotClassification
+
+    assert "Classify first" in client.predict("test-user/copa-head", hub.token, api_name="/push")
+    classes = [(name, paths[:2]) for name, paths in real_task.support.items()]
+    queries = real_task.queries[:3]
+    out = classify(client, classes, queries)
+    # The server's own HF_TOKEN (set here) is never used: a wrong or missing user token is refused.
+    assert "token was rejected" in client.predict("test-user/copa-head", "hf_wrong", api_name="/push")
+    assert "Hugging Face token" in client.predict("test-user/copa-head", "", api_name="/push")
+    assert "not a valid repository id" in client.predict("no spaces allowed", hub.token, api_name="/push")
+    message = client.predict("test-user/copa-head", hub.token, api_name="/push")
+    assert message.startswith("✅ Pushed") and hub.token not in message
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    assert {"config.json", "head.safetensors", "README.md"} <= set(api.list_repo_files("test-user/copa-head"))
+    folder = snapshot_download("test-user/copa-head", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")
+    head_config = json.loads((Path(folder) / "config.json").read_text())["copa_head"]
+    assert head_config["method"] == "copa" and head_config["labels"] == sorted(CLASSES)
+    pushed = CopaForFewShotClassification.from_pretrained(folder, base_model=model)
+    for got, want in zip(out["json"]["predictions"], pushed.predict(queries), strict=True):
+        for item in want:
+            assert got["probabilities"][item["label"]] == pytest.approx(item["score"], abs=1e-5)
