@@ -29,11 +29,13 @@ def write_trained_model_card(
     repo_id: str | None = None,
     evaluation_command: str | None = None,
     is_default: bool = False,
+    training_notes: str | None = None,
 ) -> Path:
     """Render `folder/README.md` from its `config.json` and `training_log.json`.
 
     `evaluation` / `baseline`: results JSON written by `hf-copa evaluate --output` (a path or its
     parsed dict) for this model and for its random-init twin; the former also becomes `model-index`.
+    `training_notes`: markdown added under "Training" (e.g. how an interrupted run was resumed).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -61,7 +63,9 @@ def write_trained_model_card(
         card_data,
         template_path=str(CARD_TEMPLATE),
         repo_id=repo_id,
+        model_name=repo_id,
         is_default=is_default,
+        training_notes=training_notes,
         teachers=sorted(training.get("teachers") or {}),
         depths=config.depths,
         hidden_sizes=config.hidden_sizes,
@@ -108,19 +112,19 @@ def eval_results(evaluation: Mapping[str, Any]) -> list[Any]:
     results = []
     for domain, per_method in evaluation["results"].items():
         role = config.get("roles", {}).get(domain)
+        path = config["domains"][domain]["path"]
         for method, score in per_method.items():
             results.append(
                 EvalResult(
                     task_type="image-classification",
                     task_name=f"Few-shot image classification ({config['protocol']} episodes)",
-                    dataset_type=config["domains"][domain]["path"],
+                    dataset_type=path if _is_hub_id(path) else domain,
                     dataset_name=f"{domain}{f' ({role} domain)' if role else ''}",
                     dataset_split=config["domains"][domain]["split"],
                     metric_type="accuracy",
                     metric_value=round(score["mean"], 2),
                     metric_name=f"{method} (± {score['ci95']:.2f} 95% CI, {score['episodes']} episodes)",
                     metric_config=method,
-                    source_name="hf-copa evaluate",
                 )
             )
     return results
@@ -137,8 +141,9 @@ def _summary(evaluation: Mapping[str, Any]) -> str:
     config = evaluation["config"]
     return (
         f"Accuracy (%, mean ± 95% confidence interval) over {config['episodes']} `{config['protocol']}` "
-        f"episodes per domain (seed {config['seed']}) on each dataset's test split, for each adaptation "
-        "method with its default hyperparameters."
+        f"episodes per domain (seed {config['seed']}) on each dataset's test split. Each method runs with "
+        "its defaults except where the command below names one of the papers' presets (recorded per "
+        "domain in the results JSON)."
     )
 
 

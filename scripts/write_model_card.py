@@ -9,6 +9,7 @@ EVAL.json / RANDOM.json are written by `hf-copa evaluate --output` for the model
 
 import argparse
 import sys
+from pathlib import Path
 
 from hf_copa.model_cards import write_trained_model_card
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo-id", default=None)
     parser.add_argument("--evaluation-command", default=None)
     parser.add_argument("--default", action="store_true", help="the card of hf_copa's bundled default model")
+    parser.add_argument("--notes", default=None, help="markdown file added under Training")
     args = parser.parse_args(argv)
     try:
         path = write_trained_model_card(
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             repo_id=args.repo_id,
             evaluation_command=args.evaluation_command,
             is_default=args.default,
+            training_notes=Path(args.notes).read_text() if args.notes else None,
         )
     except (ValueError, OSError) as err:
         print(f"write_model_card: error: {err}", file=sys.stderr)
