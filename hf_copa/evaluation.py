@@ -257,7 +257,7 @@ def evaluate(
         raise ValueError(f"Unknown method(s) {unknown}; choose from {available_methods()}.")
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}.")
-    load_dataset = load_dataset or _load_split
+    load_dataset = load_dataset or load_split
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
     for domain in domains:
@@ -306,7 +306,8 @@ def evaluate(
     return EvaluationResult(results, averages, config, accuracies)
 
 
-def _load_split(domain: Domain):
+def load_split(domain: Domain):
+    """The dataset split a domain names (a local folder in Hub layout or a Hub id)."""
     import datasets
 
     try:

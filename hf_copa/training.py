@@ -682,14 +682,10 @@ def _save_checkpoint(
 
 
 def _load_split(path: str, split: str) -> Any:
-    import datasets
+    """`datasets.load_dataset(path, split=split)`, with evaluation's clear error for a missing split."""
+    from .evaluation import Domain, load_split
 
-    try:
-        return datasets.load_dataset(path, split=split)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise ValueError(f"Dataset {path!r} has no split {split!r}: {err}") from None
-        raise
+    return load_split(Domain(name=Path(path).name, path=path, split=split))
 
 
 __all__ = [
