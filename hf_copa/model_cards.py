@@ -9,15 +9,7 @@ from typing import Any
 
 from .configuration_copa import CopaConfig
 from .modeling_copa import CopaModel
-from .training import (
-    TRAINING_LOG_FILE,
-    TrainingConfig,
-    _load_split,
-    _split_spec,
-    domain_name,
-    domain_summary,
-    split_domain,
-)
+from .training import TRAINING_LOG_FILE
 
 CARD_TEMPLATE = Path(__file__).parent / "assets" / "model_cards" / "trained_backbone.md"
 
@@ -48,7 +40,9 @@ def write_trained_model_card(
     training = log["config"]
     evaluation, baseline = _load_results(evaluation), _load_results(baseline)
     repo_id = repo_id or folder.name
-    domains = log.get("domains") or _recompute_domains(training)
+    domains = log.get("domains")
+    if not domains:
+        raise ValueError(f"{log_file} records no training domains; it was not written by hf-copa train.")
     val_names = [d["name"] for d in domains]
     card_data = ModelCardData(
         library_name="transformers",
@@ -154,17 +148,6 @@ def _load_results(results: Mapping[str, Any] | str | Path | None) -> Mapping[str
     if not path.is_file():
         raise ValueError(f"No evaluation results at {path}; write them with hf-copa evaluate --output.")
     return json.loads(path.read_text())
-
-
-def _recompute_domains(training: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """For logs written before they recorded their domains: redo the (seeded) class split."""
-    config = TrainingConfig(**training)
-    summaries = []
-    for spec in config.datasets:
-        path, split = _split_spec(spec)
-        domain = split_domain(domain_name(spec), _load_split(path, split), config)
-        summaries.append(domain_summary(domain, spec))
-    return summaries
 
 
 def _is_hub_id(path: str) -> bool:
