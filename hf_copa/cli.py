@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=int, default=None)
         sub.add_argument("--lr", type=float, default=None)
         sub.add_argument("--weight-decay", type=float, default=None)
+        sub.add_argument("--lr-beta", type=float, default=None, help="tsa: learning rate of the head beta")
+        sub.add_argument(
+            "--adapter-lr-scale", type=float, default=None, help="copa+tsa: adapters learn at lr x this"
+        )
         sub.add_argument("--json", action="store_true", help="print predictions as JSON")
 
     demo = commands.add_parser("demo", help="classify the bundled sample images (a 3-way 5-shot task)")
@@ -200,7 +204,13 @@ def _load_model(name_or_path: str | None, show_notes: bool = True):
 
 def _classify(args, support_paths, support_labels, query_paths, truth) -> int:
     model = _load_model(args.model)
-    hyperparameters = {"steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay}
+    hyperparameters = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "lr_beta": args.lr_beta,
+        "adapter_lr_scale": args.adapter_lr_scale,
+    }
     started = time.perf_counter()
     classifier = model.adapt(
         support_paths,

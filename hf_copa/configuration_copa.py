@@ -20,6 +20,19 @@ ADAPTATION_DEFAULTS: dict[str, dict[str, Any]] = {
     "url": {"steps": 40, "lr": 1.0, "scale": 10.0},
     # CoPA (models/adaptation.py::pa_adaptation, linear heads): 50 Adam steps.
     "copa": {"steps": 50, "lr": 1e-3, "weight_decay": 0.1, "tau": 2.0, "scale": 10.0},
+    # URL's TSA (models/tsa.py, `alpha+beta`, residual matrix adapters): 40 Adadelta steps, lr for the
+    # adapters (alpha), lr_beta for the pre-classifier head (beta); the default is the unseen-domain setting.
+    "tsa": {"steps": 40, "lr": 0.5, "lr_beta": 1.0, "scale": 10.0},
+    # CoPA+TSA (models/adaptation.py::tsa_adaptation): 40 Adam steps, heads at lr, adapters at
+    # lr * adapter_lr_scale, one weight decay for all.
+    "copa+tsa": {
+        "steps": 40,
+        "lr": 1e-3,
+        "adapter_lr_scale": 0.1,
+        "weight_decay": 0.1,
+        "tau": 2.0,
+        "scale": 10.0,
+    },
 }
 
 # Named settings from the papers. Each overrides some defaults of one method.
@@ -33,6 +46,20 @@ ADAPTATION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "high-lr": {"lr": 5e-3, "weight_decay": 0.0},  # the paper's MNIST / Traffic Sign setting
     },
     "ncc": {"default": {}},
+    "tsa": {
+        "seen": {"lr": 0.05, "lr_beta": 0.1},
+        "unseen": {"lr": 0.5, "lr_beta": 1.0},  # the default
+    },
+    # The paper's settings; the official code picks them by dataset name and divides lr by 10 in the
+    # 5-way 1-shot setting (the `*1-shot` presets).
+    "copa+tsa": {
+        "default": {},
+        "high-lr": {"lr": 5e-3, "adapter_lr_scale": 0.5, "weight_decay": 0.0},  # MNIST, Traffic Sign
+        "high-lr-wd": {"lr": 5e-3, "adapter_lr_scale": 0.5},  # CIFAR-10, CIFAR-100
+        "1-shot": {"lr": 1e-4},
+        "high-lr-1-shot": {"lr": 5e-4, "adapter_lr_scale": 0.5, "weight_decay": 0.0},
+        "high-lr-wd-1-shot": {"lr": 5e-4, "adapter_lr_scale": 0.5},
+    },
 }
 
 

@@ -4,6 +4,12 @@ Every figure is the same whatever the number of processes: episode i depends
 only on (seed, i), and episodes are adapted in fixed chunks (sorted by support
 size, so padding is small) that are dealt to processes round-robin; each process
 adapts its chunks batched and the per-episode accuracies are gathered.
+
+Learners that adapt the backbone itself (TSA, CoPA+TSA) cannot use cached
+features: each of their episodes loads its images, adapts on the support
+images (one batch through the backbone, on the process's device) and embeds
+the queries through the adapted backbone. Those episodes are dealt to the
+processes one by one, largest first.
 """
 
 from __future__ import annotations
@@ -146,6 +152,45 @@ def adapt_and_score(
     return accuracies
 
 
+def adapt_images_and_score(
+    model: Any,
+    images: EpisodeImages,
+    episode: Episode,
+    method: str,
+    hyperparameters: dict[str, Any],
+) -> float:
+    """Query accuracy of one episode for a learner that adapts the backbone (`needs_backbone`)."""
+    learner = get_learner(method, **hyperparameters)
+    support = images.pixel_values(episode.support_indices)
+    head = learner.fit_images(model, support, torch.as_tensor(episode.support_labels, dtype=torch.long))
+    query = model.extract_features(images.pixel_values(episode.query_indices), adapters=head.adapters)
+    predicted = head.logits(query.to(head.prototypes)).argmax(dim=1).cpu()
+    return float((predicted == torch.as_tensor(episode.query_labels)).float().mean())
+
+
+class EpisodeImages:
+    """Pixel values of dataset rows, decoded on demand (what backbone-adapting learners need per episode)."""
+
+    def __init__(self, dataset: Any, processor: Any, image_column: str = "image") -> None:
+        if image_column not in dataset.column_names:
+            raise ValueError(
+                f"The dataset has no column {image_column!r}; its columns are {dataset.column_names}."
+            )
+        # Raw images of one column, as in feature extraction: transforms are ignored.
+        self.dataset = dataset.with_format(None).select_columns([image_column])
+        self.processor = processor
+        self.image_column = image_column
+
+    def pixel_values(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
+        images = self.dataset[[int(row) for row in rows]][self.image_column]
+        return self.processor(images, return_tensors="pt")["pixel_values"]
+
+
+def backbone_episode_order(episodes: Sequence[Episode]) -> list[int]:
+    """Episode positions, largest support set first, so that processes dealt them in turn share the work."""
+    return sorted(range(len(episodes)), key=lambda i: (-len(episodes[i].support_indices), i))
+
+
 def adapt_one_by_one(
     features: torch.Tensor, episodes: Sequence[Episode], method: str, hyperparameters: dict[str, Any]
 ) -> list[float]:
@@ -248,7 +293,7 @@ def evaluate(
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .features import extract_dataset_features
+    from .features import extract_dataset_features, frozen_on
 
     state = PartialState(cpu=use_cpu())
     overrides = overrides or {}
@@ -258,37 +303,46 @@ def evaluate(
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}.")
     load_dataset = load_dataset or load_split
+    on_backbone = {m: get_learner(m).needs_backbone for m in methods}
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
     for domain in domains:
         dataset = load_dataset(domain)
-        with state.main_process_first():
-            features = extract_dataset_features(
-                model,
-                dataset,
-                image_column=domain.image_column,
-                cache_dir=cache_dir,
-                progress=progress and state.is_main_process,
-                device=state.device,
-            )
+        features = None
+        if not all(on_backbone.values()):
+            with state.main_process_first():
+                features = extract_dataset_features(
+                    model,
+                    dataset,
+                    image_column=domain.image_column,
+                    cache_dir=cache_dir,
+                    progress=progress and state.is_main_process,
+                    device=state.device,
+                )
         sampler = make_sampler(
             protocol, dataset, label_column=domain.label_column, seed=seed, num_episodes=num_episodes
         )
         episodes = [sampler.episode(i) for i in range(num_episodes)]
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
+        singles = backbone_episode_order(episodes)[state.process_index :: state.num_processes]
         accuracies[domain.name] = {}
         used_hyperparameters[domain.name] = {}
         for method in methods:
             hp = hyperparameters_for(getattr(model, "config", None), domain, method, overrides)
             used_hyperparameters[domain.name][method] = hp
             local = []
-            bar = tqdm(
-                chunks, desc=f"{domain.name} {method}", disable=not (progress and state.is_main_process)
-            )
-            for chunk in bar:
-                chunk_episodes = [episodes[i] for i in chunk]
-                scores = adapt_and_score(features, chunk_episodes, method, hp, device=state.device)
-                local += list(zip(chunk, scores, strict=True))
+            show = progress and state.is_main_process
+            if on_backbone[method]:
+                images = EpisodeImages(dataset, model.default_image_processor(), domain.image_column)
+                with frozen_on(model, state.device):
+                    for position in tqdm(singles, desc=f"{domain.name} {method}", disable=not show):
+                        score = adapt_images_and_score(model, images, episodes[position], method, hp)
+                        local.append((position, score))
+            else:
+                for chunk in tqdm(chunks, desc=f"{domain.name} {method}", disable=not show):
+                    chunk_episodes = [episodes[i] for i in chunk]
+                    scores = adapt_and_score(features, chunk_episodes, method, hp, device=state.device)
+                    local += list(zip(chunk, scores, strict=True))
             gathered = gather_object(local) if state.num_processes > 1 else local
             accuracies[domain.name][method] = [acc for _, acc in sorted(gathered)]
     results, averages = summarise(accuracies, domains, methods)

@@ -297,7 +297,7 @@ def _extract(
     features: torch.Tensor | None = None
     start = 0
     bar = tqdm(total=len(dataset), unit="img", desc="Extracting features", disable=not progress)
-    with bar, _frozen_on(model, device), torch.inference_mode(), autocast:
+    with bar, frozen_on(model, device), torch.inference_mode(), autocast:
         for pixel_values in loader:
             count = len(pixel_values)
             batch = model.extract_features(pixel_values.to(device, non_blocking=True), batch_size=count)
@@ -316,7 +316,7 @@ def _extract(
 
 
 @contextlib.contextmanager
-def _frozen_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+def frozen_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Eval mode on `device` for the duration; the training flag and original device are restored."""
     was_training, original_device = model.training, _model_device(model)
     model.eval()

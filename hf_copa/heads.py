@@ -4,7 +4,8 @@ Like a PEFT adapter, the artifact is small (a few MB for 512-d features) and nam
 adapted on instead of holding it. A folder (or Hub repo) holds:
 
 - `head.safetensors`: `prototypes` [C, d], plus `image_projection` / `prototype_projection` [d, d] when the
-  method learned them (stored once when they are equal, as URL's single head is);
+  method learned them (stored once when they are equal, as URL's single head is), and for TSA methods the
+  residual adapters inside the backbone as `adapters.<convolution>` [out, in, 1, 1];
 - `config.json`: the base model's `CopaConfig` (so transformers' Auto classes and `pipeline` find the
   model), `id2label` / `label2id`, and the head's metadata under `copa_head` (labels with their JSON types,
   method, hyperparameters, scale, support shots, base model id + revision, hf_copa version);
@@ -36,7 +37,10 @@ CONFIG_NAME = "config.json"
 PROCESSOR_NAME = "preprocessor_config.json"
 CARD_NAME = "README.md"
 HEAD_CONFIG_KEY = "copa_head"
-FORMAT_VERSION = 1
+# Format 2 adds adapters; heads without them are still written as format 1, so that older hf_copa releases
+# keep reading them, while refusing (rather than silently misreading) heads that need adapters.
+FORMAT_VERSION = 2
+ADAPTER_PREFIX = "adapters."
 ARTIFACT_FILES = (CONFIG_NAME, HEAD_WEIGHTS_NAME, PROCESSOR_NAME)
 CARD_TEMPLATE = Path(__file__).parent / "assets" / "model_cards" / "adapted_head.md"
 _JSON_LABEL_TYPES = (str, int, float, bool, type(None))
@@ -119,6 +123,7 @@ def head_tensors(head: AdaptedHead) -> tuple[dict[str, torch.Tensor], bool]:
         tensors["image_projection"] = image
     if prototype is not None and not tied:
         tensors["prototype_projection"] = prototype
+    tensors.update({ADAPTER_PREFIX + name: alpha for name, alpha in head.adapters.items()})
     return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, tied
 
 
@@ -132,7 +137,7 @@ def head_metadata(
     from . import __version__
 
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if head.adapters else 1,
         "weights": HEAD_WEIGHTS_NAME,
         "labels": check_json_labels(labels),
         "method": head.method,
@@ -142,6 +147,7 @@ def head_metadata(
         "num_classes": head.num_classes,
         "support_shots": None if support_counts is None else [int(n) for n in support_counts],
         "tied_projections": tied_projections,
+        "adapters": sorted(head.adapters),
         "train_losses": list(head.train_losses),
         "base_model": base_model.name_or_path,
         "base_model_revision": base_model.revision,
@@ -218,6 +224,7 @@ def render_model_card(metadata: Mapping[str, Any], model_id: str, eval_results: 
         hyperparameters=metadata["hyperparameters"],
         scale=metadata["scale"],
         feature_dim=metadata["feature_dim"],
+        adapters=metadata.get("adapters", []),
         hf_copa_version=metadata["hf_copa_version"],
         results=results,
     )
@@ -322,6 +329,14 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
         raise ValueError(f"{str(weights_path)!r} holds no 'prototypes' tensor; it is not a CoPA head.")
     image = tensors.get("image_projection")
     prototype = image if metadata.get("tied_projections") else tensors.get("prototype_projection")
+    adapters = {
+        name.removeprefix(ADAPTER_PREFIX): tensor
+        for name, tensor in tensors.items()
+        if name.startswith(ADAPTER_PREFIX)
+    }
+    missing = sorted(set(metadata.get("adapters", [])) - set(adapters))
+    if missing:
+        raise ValueError(f"{str(weights_path)!r} lacks the adapters {missing} that its config lists.")
     head = AdaptedHead(
         tensors["prototypes"],
         image,
@@ -330,6 +345,7 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
         method=metadata["method"],
         hyperparameters=metadata.get("hyperparameters"),
         train_losses=metadata.get("train_losses", ()),
+        adapters=adapters,
     )
     labels = metadata["labels"]
     if len(labels) != head.num_classes:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .folders import load_class_folders, sample_task_dir
 from .image_processing_copa import to_rgb_image
 from .learners import AdaptedHead
-from .losses import NORM_EPS
+from .losses import NORM_EPS, class_means, one_hot_labels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,6 +43,8 @@ METHODS: dict[str, str] = {
     "copa": "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)",
     "url": "learns one map for both (nearest-centroid loss)",
     "ncc": "learns nothing (cosine to the class means)",
+    "tsa": "adapts the backbone too, with residual adapters in every stage, plus one map (slower)",
+    "copa+tsa": "CoPA's two maps plus adapters in stages 2 and 3 of the backbone (slower)",
 }
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 # Colour-blind-safe palette (Okabe-Ito, then Tableau), one colour per class in the plot and the result cards.
@@ -254,19 +256,36 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
 
 
 def embedding_views(
-    head: AdaptedHead, support_features: torch.Tensor, query_features: torch.Tensor
+    head: AdaptedHead,
+    support_features: torch.Tensor,
+    query_features: torch.Tensor,
+    support_labels: torch.Tensor,
+    adapted_support: torch.Tensor | None = None,
+    adapted_queries: torch.Tensor | None = None,
 ) -> tuple[EmbeddingView, EmbeddingView]:
-    """The task before adaptation (backbone features, prototypes = class means) and after it, through the
-    head's own maps: Θ_I for images and Θ_P for prototypes (CoPA), one map for both (URL), none (NCC)."""
+    """The task before adaptation (backbone features, prototypes = their class means) and after it, through
+    the head's own maps: Θ_I for images and Θ_P for prototypes (CoPA), one map for both (URL), none (NCC).
+
+    For heads with adapters (TSA), `adapted_support` / `adapted_queries` are the features of the backbone
+    run with them, which the head's maps and prototypes apply to; `support_labels` are 0..C-1.
+    """
     support = support_features.to(head.prototypes)
     queries = query_features.to(head.prototypes)
-    before = EmbeddingView.from_embeddings("Before adaptation", support, head.prototypes, queries)
+    one_hot = one_hot_labels(support_labels.view(1, -1).to(support.device), head.num_classes, support.dtype)
+    before = EmbeddingView.from_embeddings(
+        "Before adaptation", support, class_means(support.unsqueeze(0), one_hot)[0], queries
+    )
+    backbone = " and residual adapters in the backbone" if head.adapters else ""
     if head.image_projection is None and head.prototype_projection is None:
         title = f"After adaptation ({head.method}: nothing learned, same space)"
     elif head.prototype_projection is None or torch.equal(head.image_projection, head.prototype_projection):
-        title = f"After adaptation ({head.method}: one map Θ for images and prototypes)"
+        title = f"After adaptation ({head.method}: one map Θ for images and prototypes{backbone})"
     else:
-        title = f"After adaptation ({head.method}: Θ_I for images, Θ_P for prototypes)"
+        title = f"After adaptation ({head.method}: Θ_I for images, Θ_P for prototypes{backbone})"
+    if head.adapters:
+        if adapted_support is None or adapted_queries is None:
+            raise ValueError(f"A {head.method} head needs the features of its adapted backbone for the view.")
+        support, queries = adapted_support.to(head.prototypes), adapted_queries.to(head.prototypes)
     after = EmbeddingView.from_embeddings(
         title, head.project_images(support), head.projected_prototypes(), head.project_images(queries)
     )
@@ -327,8 +346,17 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
     head = classifier.head
     support_features = model.extract_features(task.support_images)
     query_features = model.extract_features(task.query_images)
-    probabilities = torch.softmax(head.logits(query_features), dim=-1).double().numpy()
-    before, after = embedding_views(head, support_features, query_features)
+    adapted_support = adapted_queries = None
+    if head.adapters:  # the adapted backbone's features, which the head scores
+        adapted_support = model.extract_features(task.support_images, adapters=head.adapters)
+        adapted_queries = model.extract_features(task.query_images, adapters=head.adapters)
+    scored = query_features if adapted_queries is None else adapted_queries
+    probabilities = torch.softmax(head.logits(scored), dim=-1).double().numpy()
+    index = {label: i for i, label in enumerate(classifier.labels)}
+    labels = torch.tensor([index[label] for label in task.support_labels])
+    before, after = embedding_views(
+        head, support_features, query_features, labels, adapted_support, adapted_queries
+    )
     return TaskResult(
         method=method,
         hyperparameters=dict(head.hyperparameters),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,14 @@ def write_trained_model_card(
     evaluation_command: str | None = None,
     is_default: bool = False,
     training_notes: str | None = None,
+    extra_evaluations: Sequence[tuple[Mapping[str, Any] | str | Path, str | None]] = (),
 ) -> Path:
     """Render `folder/README.md` from its `config.json` and `training_log.json`.
 
     `evaluation` / `baseline`: results JSON written by `hf-copa evaluate --output` (a path or its
     parsed dict) for this model and for its random-init twin; the former also becomes `model-index`.
+    `extra_evaluations`: (results, command) of further evaluations (e.g. another episode protocol, or
+    methods too costly for the main one), each a table of its own and part of `model-index`.
     `training_notes`: markdown added under "Training" (e.g. how an interrupted run was resumed).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -39,6 +42,10 @@ def write_trained_model_card(
     log = json.loads(log_file.read_text())
     training = log["config"]
     evaluation, baseline = _load_results(evaluation), _load_results(baseline)
+    extras = [(_load_results(results), command) for results, command in extra_evaluations]
+    model_index = [
+        r for results in [evaluation, *(e for e, _ in extras)] if results for r in eval_results(results)
+    ]
     repo_id = repo_id or folder.name
     domains = log.get("domains")
     if not domains:
@@ -51,7 +58,7 @@ def write_trained_model_card(
         tags=["hf_copa", "copa", "url", "few-shot", "meta-dataset", "image-feature-extraction"],
         datasets=[d["path"] if _is_hub_id(d["path"]) else d["name"] for d in domains],
         model_name=repo_id,
-        eval_results=eval_results(evaluation) if evaluation else None,
+        eval_results=model_index or None,
     )
     card = ModelCard.from_template(
         card_data,
@@ -92,6 +99,10 @@ def write_trained_model_card(
         evaluation_table=results_table(evaluation) if evaluation else None,
         baseline_table=results_table(baseline) if baseline else None,
         evaluation_command=evaluation_command,
+        extra_evaluations=[
+            {"summary": _summary(results), "table": results_table(results), "command": command}
+            for results, command in extras
+        ],
     )
     path = folder / "README.md"
     card.save(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from . import heads
+from .adapters import adapted_conv, check_adapters
 from .bundled import bundled_model_path
 from .configuration_copa import CopaConfig
 from .learners import AdaptedHead, get_learner
@@ -60,10 +61,13 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum),
             )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, adapters: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    ) -> torch.Tensor:
+        """`adapters`: residual adapters (alpha) for conv1 and conv2, or None (see `hf_copa.adapters`)."""
         residual = hidden if self.downsample is None else self.downsample(hidden)
-        out = self.relu(self.bn1(self.conv1(hidden)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(self.bn1(adapted_conv(self.conv1, hidden, adapters[0])))
+        out = self.bn2(adapted_conv(self.conv2, out, adapters[1]))
         return self.relu(out + residual)
 
 
@@ -139,12 +143,41 @@ class CopaModel(CopaPreTrainedModel):
         model.hub_revision = _resolved_commit(pretrained_model_name_or_path, kwargs)
         return model
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> CopaModelOutput:
-        """pixel_values [N, 3, H, W] scaled to [-1, 1] -> feature map and pooled [N, feature_dim] features."""
-        hidden = self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
-        for name in self.stage_names:
-            hidden = getattr(self, name)(hidden)
-        return CopaModelOutput(last_hidden_state=hidden, pooler_output=self.avgpool(hidden).flatten(1))
+    def forward(
+        self, pixel_values: torch.Tensor, adapters: Mapping[str, torch.Tensor] | None = None, **kwargs: Any
+    ) -> CopaModelOutput:
+        """pixel_values [N, 3, H, W] scaled to [-1, 1] -> feature map and pooled [N, feature_dim] features.
+
+        `adapters` (name -> alpha, e.g. a TSA head's) run the task-adapted backbone; see `hf_copa.adapters`.
+        """
+        if adapters:
+            check_adapters(self, adapters)
+        hidden = self.run_stages(self.embed_stem(pixel_values), adapters)
+        return CopaModelOutput(last_hidden_state=hidden, pooler_output=self.pool(hidden))
+
+    def embed_stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
+
+    def run_stages(
+        self,
+        hidden: torch.Tensor,
+        adapters: Mapping[str, torch.Tensor] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Stages `start`..`stop`-1 (0-based) on a feature map, with adapters named after their convolutions.
+
+        Learners that adapt later stages only run the frozen earlier ones once per task, then these.
+        """
+        adapters = adapters or {}
+        for name in self.stage_names[start:stop]:
+            for index, block in enumerate(getattr(self, name)):
+                prefix = f"{name}.{index}."
+                hidden = block(hidden, (adapters.get(prefix + "conv1"), adapters.get(prefix + "conv2")))
+        return hidden
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.avgpool(hidden).flatten(1)
 
     def default_image_processor(self):
         """The image processor matching this model's input contract."""
@@ -154,20 +187,31 @@ class CopaModel(CopaPreTrainedModel):
 
     @torch.no_grad()
     def extract_features(
-        self, images: Any, image_processor: Any = None, batch_size: int = FEATURE_BATCH_SIZE
+        self,
+        images: Any,
+        image_processor: Any = None,
+        batch_size: int = FEATURE_BATCH_SIZE,
+        adapters: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Pooled features [N, feature_dim] of images (PIL / arrays / paths, or pixel_values [N, 3, H, W]).
 
         BatchNorm always runs in eval mode here: the backbone is frozen. (no_grad
         rather than inference_mode: learners that optimise on these features need
-        ordinary tensors.)
+        ordinary tensors.) `adapters` give the features of a task-adapted backbone (TSA heads).
         """
         pixel_values = self._to_pixel_values(images, image_processor)
+        if adapters:
+            adapters = {name: alpha.to(self.device, self.dtype) for name, alpha in adapters.items()}
         was_training = self.training
         self.eval()
         try:
             chunks = [
-                self(pixel_values[start : start + batch_size].to(self.device, self.dtype)).pooler_output
+                self(
+                    pixel_values[start : start + batch_size].to(
+                        self.device, self.dtype, memory_format=torch.channels_last
+                    ),
+                    adapters=adapters,
+                ).pooler_output
                 for start in range(0, len(pixel_values), batch_size)
             ]
         finally:
@@ -201,8 +245,8 @@ class CopaModel(CopaPreTrainedModel):
 
         Labels may be any hashable values; `.labels` of the result gives the class
         order (sorted when the labels are mutually comparable, else first appearance).
-        Hyperparameters (`steps`, `lr`, `weight_decay`, `tau`, `scale`) override
-        this model's defaults for `method`; `preset` picks a named setting.
+        Hyperparameters (`steps`, `lr`, `weight_decay`, `tau`, `scale`, and TSA's `lr_beta` /
+        `adapter_lr_scale`) override this model's defaults for `method`; `preset` picks a named setting.
         """
         labels = (
             list(support_labels) if not isinstance(support_labels, torch.Tensor) else support_labels.tolist()
@@ -211,13 +255,20 @@ class CopaModel(CopaPreTrainedModel):
         learner = get_learner(
             method, preset, config_overrides=self.config.adaptation.get(method), **hyperparameters
         )
-        features = self.extract_features(support_images, image_processor)
-        if len(features) != len(labels):
+        if learner.needs_backbone:  # TSA learners adapt the backbone itself: they take the images
+            inputs = self._to_pixel_values(support_images, image_processor)
+        else:
+            inputs = self.extract_features(support_images, image_processor)
+        if len(inputs) != len(labels):
             raise ValueError(
-                f"Got {len(features)} support images but {len(labels)} labels; give one label per image."
+                f"Got {len(inputs)} support images but {len(labels)} labels; give one label per image."
             )
         index = {name: i for i, name in enumerate(class_names)}
-        head = learner.fit(features, torch.tensor([index[label] for label in labels]))
+        label_indices = torch.tensor([index[label] for label in labels])
+        if learner.needs_backbone:
+            head = learner.fit_images(self, inputs, label_indices)
+        else:
+            head = learner.fit(inputs, label_indices)
         return CopaForFewShotClassification.from_adapted(
             self, head, class_names, image_processor, support_labels=labels
         )
@@ -423,6 +474,13 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
                 f"{base_model.feature_dim}-d ones; pass the backbone the head was adapted on "
                 f"({artifact.base_model.name_or_path!r})."
             )
+        if artifact.head.adapters:
+            try:
+                check_adapters(base_model, artifact.head.adapters)
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} Pass the backbone the head was adapted on ({artifact.base_model.name_or_path!r})."
+                ) from None
         model = cls.from_adapted(base_model, artifact.head, artifact.labels, artifact.image_processor())
         shots = artifact.metadata.get("support_shots")
         model.support_counts = None if shots is None else list(shots)
@@ -442,15 +500,13 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
         return self.head
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> ImageClassifierOutput:
-        head = self._require_head()
-        features = self.copa.extract_features(pixel_values)
-        return ImageClassifierOutput(logits=head.logits(features.to(head.prototypes)))
+        return ImageClassifierOutput(logits=self.logits(pixel_values))
 
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
         """[N, C] logits (10 x cosine) of images, columns in the order of `labels`."""
         head = self._require_head()
-        features = self.copa.extract_features(images, self.image_processor)
+        features = self.copa.extract_features(images, self.image_processor, adapters=head.adapters)
         return head.logits(features.to(head.prototypes))
 
     def predict(self, images: Any) -> list[list[dict[str, Any]]]:

@@ -15,7 +15,7 @@ import torch
 
 import hf_copa
 from hf_copa.cli import main
-from hf_copa.episodes import Episode
+from hf_copa.episodes import Episode, make_sampler
 from hf_copa.evaluation import (
     MAX_EPISODES_PER_CHUNK,
     MAX_SUPPORT_ROWS_PER_CHUNK,
@@ -183,8 +183,14 @@ def evaluate_args(model_dir, dataset_dir, output, cache_dir):
         "--method",
         "ncc",
         "copa",
+        "tsa",
+        "copa+tsa",
         "--override",
         "copa:steps=5",
+        "--override",
+        "tsa:steps=3",
+        "--override",
+        "copa+tsa:steps=3",
         "--output",
         str(output),
         "--cache-dir",
@@ -214,6 +220,41 @@ def test_one_and_two_processes_write_identical_json(tiny_model_and_dataset, tmp_
     assert (one["config"].pop("processes"), two["config"].pop("processes")) == (1, 2)
     assert one == two
     assert len(json.loads(double.read_text())["episode_accuracies"]["quickdraw_small"]["copa"]) == 10
+    assert len(json.loads(double.read_text())["episode_accuracies"]["quickdraw_small"]["copa+tsa"]) == 10
+
+
+def test_backbone_learners_are_scored_on_their_episodes_images(tiny_model_and_dataset, tmp_path):
+    """TSA methods adapt on each episode's support images and score its queries through the adapters;
+    with no feature method asked for, no split is embedded (the cache stays empty)."""
+    model_dir, dataset_dir = tiny_model_and_dataset
+    model = hf_copa.CopaModel.from_pretrained(model_dir)
+    dataset = datasets.load_dataset(str(dataset_dir), split="test")
+    result = evaluate(
+        model,
+        [Domain("small", str(dataset_dir))],
+        methods=["tsa", "copa+tsa"],
+        protocol="5-way-1-shot",
+        num_episodes=3,
+        overrides={"tsa": {"steps": 2}, "copa+tsa": {"steps": 2, "preset": "1-shot"}},
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        load_dataset=lambda domain: dataset,
+    )
+    assert not (tmp_path / "cache").exists()
+    assert result.config["hyperparameters"]["small"]["copa+tsa"]["lr"] == 1e-4
+    sampler = make_sampler("5-way-1-shot", dataset, seed=0, num_episodes=3)
+    processor = model.default_image_processor()
+    for method in ("tsa", "copa+tsa"):
+        expected = []
+        for i in range(3):
+            episode = sampler.episode(i)
+            support = processor([dataset[int(r)]["image"] for r in episode.support_indices])["pixel_values"]
+            query = processor([dataset[int(r)]["image"] for r in episode.query_indices])["pixel_values"]
+            learner = get_learner(method, **result.config["hyperparameters"]["small"][method])
+            head = learner.fit_images(model, support, torch.from_numpy(episode.support_labels))
+            logits = head.logits(model.extract_features(query, adapters=head.adapters))
+            expected.append(float((logits.argmax(1).numpy() == episode.query_labels).mean()))
+        assert result.episode_accuracies["small"][method] == pytest.approx(expected, abs=1e-6)
 
 
 def test_evaluate_command_reports_bad_input_cleanly(tiny_model_and_dataset, capsys):

@@ -15,14 +15,16 @@ import transformers
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hf_copa import CopaConfig, CopaForFewShotClassification, CopaModel
+from hf_copa.adapters import adapter_shapes
 from hf_copa.heads import HEAD_WEIGHTS_NAME
 from hf_copa.testing.local_hub import LocalHub, local_hub_env
 
 TINY = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 40), (200, 40, 200)]
-FAST = {"ncc": {}, "url": {"steps": 2}, "copa": {"steps": 2}}
+FAST = {"ncc": {}, "url": {"steps": 2}, "copa": {"steps": 2}, "tsa": {"steps": 2}, "copa+tsa": {"steps": 2}}
 ARTIFACT = {"config.json", HEAD_WEIGHTS_NAME, "preprocessor_config.json", "README.md"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -112,6 +114,49 @@ def test_save_and_load_a_folder_gives_identical_logits(base_folder, tmp_path, me
     assert_same_classifier(explicit, classifier)
 
 
+@pytest.mark.parametrize(("method", "stages"), [("tsa", {1, 2, 3, 4}), ("copa+tsa", {2, 3})])
+def test_tsa_heads_store_their_adapters_and_load_back_identical(base_folder, tmp_path, method, stages):
+    base = CopaModel.from_pretrained(base_folder)
+    classifier = base.adapt(*support(["b", "a", "c"]), method=method, **FAST[method])
+    classifier.save_pretrained(tmp_path / "head")
+    adapters = {name for name in adapter_shapes(base) if int(name[5]) in stages}
+    projections = {"image_projection"} if method == "tsa" else {"image_projection", "prototype_projection"}
+    tensors = stored_tensors(tmp_path / "head")
+    assert set(tensors) == {"prototypes"} | projections | {f"adapters.{name}" for name in adapters}
+    for name in adapters:
+        assert torch.equal(tensors[f"adapters.{name}"], classifier.head.adapters[name])
+    assert not set(tensors) & set(base.state_dict())
+    metadata = json.loads((tmp_path / "head" / "config.json").read_text())["copa_head"]
+    assert metadata["format_version"] == 2 and metadata["adapters"] == sorted(adapters)
+    assert "residual adapters" in (tmp_path / "head" / "README.md").read_text()
+
+    loaded = CopaForFewShotClassification.from_pretrained(tmp_path / "head")
+    assert_same_classifier(loaded, classifier)
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "head"))
+    ranking = classify(QUERIES[0], top_k=None)
+    expected = classifier.predict(QUERIES[:1])[0]
+    assert [entry["label"] for entry in ranking] == [entry["label"] for entry in expected]
+    assert ranking[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
+
+
+def test_heads_without_adapters_keep_format_1_so_older_readers_still_load_them(base_folder, tmp_path):
+    CopaModel.from_pretrained(base_folder).adapt(
+        *support(["a", "b"]), method="copa", steps=1
+    ).save_pretrained(tmp_path)
+    metadata = json.loads((tmp_path / "config.json").read_text())["copa_head"]
+    assert metadata["format_version"] == 1 and metadata["adapters"] == []
+
+
+def test_a_head_missing_an_adapter_it_lists_is_refused(base_folder, tmp_path):
+    classifier = CopaModel.from_pretrained(base_folder).adapt(*support(["a", "b"]), method="tsa", steps=1)
+    classifier.save_pretrained(tmp_path)
+    tensors = stored_tensors(tmp_path)
+    del tensors["adapters.layer4.1.conv2"]
+    save_file(tensors, str(tmp_path / HEAD_WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=r"lacks the adapters \['layer4.1.conv2'\]"):
+        CopaForFewShotClassification.from_pretrained(tmp_path)
+
+
 def test_the_artifact_holds_no_backbone_weights_and_is_a_few_mb_at_512d(tmp_path):
     backbone = tiny_backbone(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 16, 512])
     classifier = backbone.adapt(*support(list(range(5))), method="copa", steps=1)
@@ -198,10 +243,11 @@ def push_base(seed: int) -> str:
     return tiny_backbone(seed).push_to_hub("test-user/base").oid
 
 
-def test_hub_round_trip_pins_the_base_model_revision(hub: LocalHub, monkeypatch):
+@pytest.mark.parametrize("method", ["copa", "copa+tsa"])
+def test_hub_round_trip_pins_the_base_model_revision(hub: LocalHub, monkeypatch, method):
     first = push_base(0)
     classifier = CopaModel.from_pretrained("test-user/base").adapt(
-        *support(["b", "a", "c"]), method="copa", steps=2
+        *support(["b", "a", "c"]), method=method, steps=2
     )
     commits_before = len([r for r in hub.requests if r.path.endswith("/commit/main")])
     results = [

@@ -22,6 +22,8 @@ from hf_copa.learners import base as learner_registry
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 METHODS = hf_copa.available_methods()
+# The contract on features; learners that adapt the backbone itself (TSA) have theirs in test_tsa.py.
+FEATURE_METHODS = [m for m in METHODS if not get_learner(m).needs_backbone]
 DIM = 32
 FAST_STEPS = 5  # enough to move the heads away from the identity, cheap on 2 cores
 
@@ -60,7 +62,7 @@ def task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 # --- the contract, for every method ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_fit_returns_a_head_whose_logits_are_query_by_class(method, task):
     support, labels, query, _ = task
     head = fast_learner(method).fit(support, labels)
@@ -73,7 +75,7 @@ def test_fit_returns_a_head_whose_logits_are_query_by_class(method, task):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_fit_is_deterministic(method, task):
     support, labels, query, _ = task
     first = fast_learner(method).fit(support, labels)
@@ -82,7 +84,7 @@ def test_fit_is_deterministic(method, task):
     assert first.train_losses == second.train_losses
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_fit_batch_of_padded_episodes_equals_fitting_each_alone(method):
     episodes = [
         clustered_task([1, 1], seed=1),  # 2-way 1-shot
@@ -110,7 +112,7 @@ def test_fit_batch_of_padded_episodes_equals_fitting_each_alone(method):
         np.testing.assert_allclose(head.train_losses, alone.train_losses, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_all_zero_features_give_finite_logits(method):
     support = torch.zeros(6, DIM)
     head = fast_learner(method).fit(support, torch.tensor([0, 1, 2, 0, 1, 2]))
@@ -120,14 +122,14 @@ def test_all_zero_features_give_finite_logits(method):
     assert all(math.isfinite(loss) for loss in head.train_losses)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_a_separable_task_is_classified_correctly(method):
     support, labels, query, query_labels = clustered_task([5, 5, 5, 5, 5], queries_per_class=4, seed=4)
     head = fast_learner(method).fit(support, labels)
     assert torch.equal(head.logits(query).argmax(dim=1), query_labels)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if "steps" in ADAPTATION_DEFAULTS.get(m, {})])
+@pytest.mark.parametrize("method", [m for m in FEATURE_METHODS if "steps" in ADAPTATION_DEFAULTS.get(m, {})])
 def test_optimising_learners_record_one_loss_per_step_and_reduce_it(method, task):
     support, labels, _, _ = task
     head = fast_learner(method, steps=8).fit(support, labels)
@@ -135,7 +137,7 @@ def test_optimising_learners_record_one_loss_per_step_and_reduce_it(method, task
     assert head.train_losses[-1] < head.train_losses[0]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_numpy_inputs_are_accepted(method, task):
     support, labels, query, _ = task
     from_torch = fast_learner(method).fit(support, labels).logits(query)
@@ -147,7 +149,9 @@ def test_numpy_inputs_are_accepted(method, task):
     torch.testing.assert_close(from_float64.float(), from_torch, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "ncc" and "steps" in ADAPTATION_DEFAULTS[m]])
+@pytest.mark.parametrize(
+    "method", [m for m in FEATURE_METHODS if m != "ncc" and "steps" in ADAPTATION_DEFAULTS[m]]
+)
 def test_zero_steps_leave_identity_heads_and_give_ncc_predictions(method, task):
     support, labels, query, _ = task
     head = get_learner(method, steps=0).fit(support, labels)
@@ -181,6 +185,8 @@ BAD_VALUES = {
     "scale": [0, -10.0, float("nan"), float("inf")],
     "weight_decay": [-0.1, float("nan"), float("inf")],
     "tau": ["2", float("nan"), float("inf")],
+    "lr_beta": [0, -1.0, float("nan")],
+    "adapter_lr_scale": [0, -0.5, float("inf")],
 }
 BAD_CASES = [
     pytest.param(method, name, value, id=f"{method}-{name}={value!r}")
@@ -298,7 +304,7 @@ BAD_SUPPORT = {
 }
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 @pytest.mark.parametrize("case", list(BAD_SUPPORT))
 def test_bad_support_is_rejected_with_a_message_saying_what_is_wrong(method, case):
     features, labels, error, phrase = BAD_SUPPORT[case]
@@ -315,7 +321,7 @@ BAD_QUERY = {
 }
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FEATURE_METHODS)
 @pytest.mark.parametrize("case", list(BAD_QUERY))
 def test_bad_query_is_rejected_with_a_message_saying_what_is_wrong(method, case, task):
     support, labels, _, _ = task

@@ -40,3 +40,21 @@ def test_classify_reports_bad_folders_without_a_traceback(tmp_path, capsys):
     assert "hf-copa: error:" in capsys.readouterr().err
     assert main(["classify", str(tmp_path / "missing"), "x.png"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("method", "options"), [("tsa", ["--lr-beta", "0.5"]), ("copa+tsa", ["--adapter-lr-scale", "0.5"])]
+)
+def test_demo_runs_the_tsa_methods_with_their_own_options(capsys, method, options):
+    assert main(["demo", "--method", method, "--steps", "3", *options, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 9
+    assert all(
+        sum(p["score"] for p in item["predictions"]) == pytest.approx(1.0, abs=1e-5) for item in results
+    )
+
+
+def test_an_option_a_method_does_not_take_is_a_clean_error(capsys):
+    assert main(["demo", "--method", "tsa", "--weight-decay", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "hf-copa: error:" in err and "weight_decay" in err and "Traceback" not in err

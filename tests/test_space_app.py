@@ -22,6 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_copa
 from hf_copa.interactive import (
@@ -314,7 +315,7 @@ def test_the_after_view_is_what_the_classifier_compares(method):
     labels = torch.arange(3).repeat(4)
     queries = torch.rand(5, 16, generator=generator)
     head = hf_copa.adapt(support, labels, method=method)
-    before, after = embedding_views(head, support, queries)
+    before, after = embedding_views(head, support, queries, labels)
     logits = head.scale * torch.from_numpy(after.queries @ after.prototypes.T).float()
     torch.testing.assert_close(logits, head.logits(queries), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
@@ -325,6 +326,35 @@ def test_the_after_view_is_what_the_classifier_compares(method):
         assert after.gap == before.gap
     else:
         assert after.gap != pytest.approx(before.gap)
+
+
+@pytest.mark.parametrize("method", ["tsa", "copa+tsa"])
+def test_the_after_view_of_a_tsa_head_uses_its_adapted_backbone(method):
+    """Before: the plain backbone's features and their class means. After: the adapted backbone's features
+    through the head's maps, whose scaled cosines are the classifier's logits."""
+    torch.manual_seed(0)
+    backbone = hf_copa.CopaModel(
+        hf_copa.CopaConfig(embedding_size=8, hidden_sizes=[8, 8, 16, 16], image_size=32)
+    ).eval()
+    generator = torch.Generator().manual_seed(1)
+    support_pixels, query_pixels = (torch.rand(n, 3, 32, 32, generator=generator) * 2 - 1 for n in (9, 4))
+    labels = torch.arange(3).repeat(3)
+    head = hf_copa.get_learner(method, steps=3).fit_images(backbone, support_pixels, labels)
+    plain_support, plain_queries = (backbone.extract_features(x) for x in (support_pixels, query_pixels))
+    adapted_support, adapted_queries = (
+        backbone.extract_features(x, adapters=head.adapters) for x in (support_pixels, query_pixels)
+    )
+    before, after = embedding_views(
+        head, plain_support, plain_queries, labels, adapted_support, adapted_queries
+    )
+    means = torch.stack([plain_support[labels == c].mean(0) for c in range(3)])
+    np.testing.assert_allclose(before.prototypes, F.normalize(means.double(), dim=-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(before.queries, F.normalize(plain_queries.double(), dim=-1).numpy(), atol=1e-6)
+    logits = head.scale * torch.from_numpy(after.queries @ after.prototypes.T).float()
+    torch.testing.assert_close(logits, head.logits(adapted_queries), atol=1e-5, rtol=1e-5)
+    assert "adapters" in after.title
+    with pytest.raises(ValueError, match="adapted backbone"):
+        embedding_views(head, plain_support, plain_queries, labels)
 
 
 def png(path: Path, size=(8, 8), colour=(200, 30, 30)) -> Path:
@@ -502,7 +532,7 @@ def test_the_page_is_served_on_localhost(space):
     assert config["enable_queue"] is True
 
 
-@pytest.mark.parametrize("method", ["copa", "url", "ncc"])
+@pytest.mark.parametrize("method", ["copa", "url", "ncc", "tsa", "copa+tsa"])
 def test_classifies_real_images(client, space, real_task, model, method):
     classes = list(real_task.support.items())
     out = classify(client, classes, real_task.queries, method)

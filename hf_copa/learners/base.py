@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..adapters import frozen_backbone
 from ..configuration_copa import ADAPTATION_DEFAULTS, resolve_hyperparameters
 from ..losses import cosine_scores
 
@@ -79,6 +80,11 @@ class AdaptedHead(nn.Module):
     `prototypes` are the class means of the support features; `image_projection`
     (A) and `prototype_projection` (B) are d x d maps, None meaning identity
     (NCC). URL's single head is A = B; CoPA learns both.
+
+    `adapters` (TSA, CoPA+TSA) are residual adapters inside the backbone, by
+    convolution name (see `hf_copa.adapters`): the prototypes and the query
+    features are then those of the backbone run with them,
+    `backbone.extract_features(images, adapters=head.adapters)`.
     """
 
     def __init__(
@@ -90,15 +96,23 @@ class AdaptedHead(nn.Module):
         method: str = "ncc",
         hyperparameters: dict[str, Any] | None = None,
         train_losses: Sequence[float] = (),
+        adapters: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("prototypes", prototypes.detach().clone())
         self.register_buffer("image_projection", _detached(image_projection))
         self.register_buffer("prototype_projection", _detached(prototype_projection))
+        # Not buffers: their names hold dots. `_apply` moves them with the module.
+        self.adapters = {name: alpha.detach().clone() for name, alpha in (adapters or {}).items()}
         self.scale = float(scale)
         self.method = method
         self.hyperparameters = dict(hyperparameters or {})
         self.train_losses = [float(x) for x in train_losses]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AdaptedHead:
+        super()._apply(fn, recurse)
+        self.adapters = {name: fn(alpha) for name, alpha in self.adapters.items()}
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -128,7 +142,8 @@ class AdaptedHead(nn.Module):
         return self.logits(query_features)
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, classes={self.num_classes}, dim={self.feature_dim}"
+        adapters = f", adapters={len(self.adapters)}" if self.adapters else ""
+        return f"method={self.method!r}, classes={self.num_classes}, dim={self.feature_dim}{adapters}"
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -143,6 +158,8 @@ class Learner:
     """
 
     name: ClassVar[str] = ""
+    # True for learners that put parameters inside the backbone (TSA): they implement `fit_images`.
+    needs_backbone: ClassVar[bool] = False
 
     # Learners registered outside hf_copa declare their defaults and presets here;
     # the built-in ones take theirs from configuration_copa (the one place for them).
@@ -179,8 +196,63 @@ class Learner:
         """Adapt B padded episodes at once: features [B, N, d], labels [B, N] (-1 = padding)."""
         raise NotImplementedError
 
+    def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:
+        """Adapt to one support set of images (learners with `needs_backbone`)."""
+        raise TypeError(
+            f"{self.name!r} adapts on features; use fit(backbone.extract_features(images), labels)."
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.hyperparameters})"
+
+
+class BackboneLearner(Learner):
+    """A learner that adapts parameters inside the backbone, so it needs the images, not cached features.
+
+    Subclasses implement `fit_backbone`, which runs inside `frozen_backbone` (eval mode, no weight
+    gradients) on validated pixel values and labels on the backbone's device and dtype.
+    """
+
+    needs_backbone = True
+
+    def fit(self, support_features: Any, support_labels: Any) -> AdaptedHead:
+        raise TypeError(
+            f"{self.name!r} adapts the backbone itself, so it needs the support images, not features: use "
+            f"CopaModel.adapt(images, labels, method={self.name!r}) or "
+            f"get_learner({self.name!r}).fit_images(backbone, pixel_values, labels)."
+        )
+
+    def fit_batch(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[AdaptedHead]:
+        return [self.fit(features, labels)]
+
+    def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:
+        """Adapt `backbone` (a CopaModel, left unchanged) to pixel values [N, 3, H, W] with labels 0..C-1."""
+        channels = backbone.config.num_channels
+        if (
+            not isinstance(pixel_values, torch.Tensor)
+            or pixel_values.ndim != 4
+            or pixel_values.shape[1] != channels
+        ):
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"pixel_values must be a [N, {channels}, H, W] tensor (e.g. from CopaImageProcessor), "
+                f"got {got}."
+            )
+        if len(pixel_values) == 0:
+            raise ValueError("The support set is empty: give at least one image per class.")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values; check the image preprocessing.")
+        labels = as_label_vector(support_labels, len(pixel_values), "support images")
+        reference = next(backbone.parameters())
+        # Channels-last inputs make the convolutions pick faster kernels (~20% per step on CPU).
+        pixel_values = pixel_values.to(reference.device, reference.dtype, memory_format=torch.channels_last)
+        with frozen_backbone(backbone):
+            return self.fit_backbone(backbone, pixel_values, labels.to(reference.device))
+
+    def fit_backbone(
+        self, backbone: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor
+    ) -> AdaptedHead:
+        raise NotImplementedError
 
 
 def split_heads(
@@ -239,8 +311,8 @@ def as_feature_matrix(features: Any, name: str, expected_dim: int | None = None)
     return features
 
 
-def as_label_vector(labels: Any, num_examples: int) -> torch.Tensor:
-    """Check integer labels 0..C-1 (C >= 2, every class present) for `num_examples` examples."""
+def as_label_vector(labels: Any, num_examples: int, examples: str = "support features") -> torch.Tensor:
+    """Check integer labels 0..C-1 (C >= 2, every class present) for `num_examples` `examples`."""
     if isinstance(labels, np.ndarray | list | tuple):
         try:
             labels = torch.as_tensor(np.asarray(labels))
@@ -258,7 +330,7 @@ def as_label_vector(labels: Any, num_examples: int) -> torch.Tensor:
             "map other label values to indices first (CopaModel.adapt does this for you)."
         )
     if len(labels) != num_examples:
-        raise ValueError(f"Got {num_examples} support features but {len(labels)} labels; they must match.")
+        raise ValueError(f"Got {num_examples} {examples} but {len(labels)} labels; they must match.")
     labels = labels.to(torch.long)
     if labels.min() < 0:
         raise ValueError(f"support_labels must be in 0..C-1, found {int(labels.min())}.")

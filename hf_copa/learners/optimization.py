@@ -10,7 +10,12 @@ import torch
 def identity_head(features: torch.Tensor, stacked: int | None = None) -> torch.Tensor:
     """Trainable [B, d, d] identity matrices (or `stacked` of them: [stacked, B, d, d]) like `features`."""
     batch, _, dim = features.shape
-    eye = torch.eye(dim, dtype=features.dtype, device=features.device)
+    return identity_matrices(batch, dim, features, stacked)
+
+
+def identity_matrices(batch: int, dim: int, like: torch.Tensor, stacked: int | None = None) -> torch.Tensor:
+    """Trainable [batch, dim, dim] identities (or [stacked, batch, dim, dim]) of `like`'s dtype and device."""
+    eye = torch.eye(dim, dtype=like.dtype, device=like.device)
     shape = (batch, dim, dim) if stacked is None else (stacked, batch, dim, dim)
     return eye.expand(shape).clone().requires_grad_(True)
 

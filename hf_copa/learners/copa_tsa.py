@@ -1,0 +1,54 @@
+"""CoPA+TSA (Tian et al., NeurIPS 2024; `models/adaptation.py::tsa_adaptation`, linear heads).
+
+Residual adapters (alpha, 1e-4 * I) on the 3x3 convolutions of stages 2 and 3,
+plus CoPA's two heads Theta_I and Theta_P (identity), trained with Adam on
+CoPA's symmetric contrastive loss. At every step the support features and
+their class means (the prototypes) are recomputed through the adapted
+backbone. Adam has the official code's groups: the adapters at
+lr * adapter_lr_scale, the heads at lr, one weight decay for all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import identity_adapters
+from ..losses import class_means, one_hot_labels, symmetric_contrastive_loss
+from .base import AdaptedHead, BackboneLearner, register_learner
+from .optimization import identity_matrices, run_steps
+from .tsa import adapted_features
+
+
+@register_learner("copa+tsa")
+class CopaTSALearner(BackboneLearner):
+    adapter_stages: tuple[int, ...] = (2, 3)
+
+    def fit_backbone(self, backbone, pixel_values: torch.Tensor, labels: torch.Tensor) -> AdaptedHead:
+        hp = self.hyperparameters
+        one_hot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1, pixel_values.dtype)
+        adapters = identity_adapters(backbone, self.adapter_stages)
+        # Both heads in one tensor: the official groups for Theta_I and Theta_P share lr and weight decay.
+        theta = identity_matrices(1, backbone.config.feature_dim, pixel_values, stacked=2)
+        optimizer = torch.optim.Adam(
+            [
+                {"params": list(adapters.values()), "lr": hp["lr"] * hp["adapter_lr_scale"]},
+                {"params": [theta]},
+            ],
+            lr=hp["lr"],
+            weight_decay=hp["weight_decay"],
+        )
+        features_of = adapted_features(backbone, pixel_values, adapters)
+
+        def loss_fn() -> torch.Tensor:
+            features = features_of()
+            prototypes = class_means(features, one_hot)
+            return symmetric_contrastive_loss(
+                features @ theta[0].mT, prototypes @ theta[1].mT, one_hot, hp["tau"]
+            )
+
+        losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=1)
+        with torch.no_grad():
+            prototypes = class_means(features_of(), one_hot)[0]
+        return AdaptedHead(
+            prototypes, theta[0, 0], theta[1, 0], hp["scale"], self.name, hp, losses[:, 0].tolist(), adapters
+        )

@@ -1,0 +1,59 @@
+"""URL's TSA (Li, Liu & Bilen, CVPR 2022; URL's `models/tsa.py::tsa`, `alpha+beta`, residual matrix adapters).
+
+Residual adapters (alpha, 1e-4 * I) on every 3x3 convolution of all four
+stages, plus a d x d pre-classifier head beta (identity), trained with Adadelta
+(alpha at lr, beta at lr_beta) on the support set's cosine-NCC loss, its
+features recomputed through the adapted backbone at every step. Queries are
+scored by cosine NCC of beta(features) against the class means of
+beta(support features) from the adapted backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import first_adapted_stage, identity_adapters
+from ..losses import class_means, cosine_scores, ncc_loss, one_hot_labels
+from .base import AdaptedHead, BackboneLearner, register_learner
+from .optimization import identity_matrices, run_steps
+
+
+@register_learner("tsa")
+class TSALearner(BackboneLearner):
+    adapter_stages: tuple[int, ...] | None = None  # every stage
+
+    def fit_backbone(self, backbone, pixel_values: torch.Tensor, labels: torch.Tensor) -> AdaptedHead:
+        hp = self.hyperparameters
+        one_hot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1, pixel_values.dtype)
+        adapters = identity_adapters(backbone, self.adapter_stages)
+        beta = identity_matrices(1, backbone.config.feature_dim, pixel_values)
+        optimizer = torch.optim.Adadelta(
+            [{"params": list(adapters.values())}, {"params": [beta], "lr": hp["lr_beta"]}], lr=hp["lr"]
+        )
+        features_of = adapted_features(backbone, pixel_values, adapters)
+
+        def loss_fn() -> torch.Tensor:
+            z = features_of() @ beta.mT
+            return ncc_loss(cosine_scores(z, class_means(z, one_hot), hp["scale"]), one_hot)
+
+        losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=1)
+        with torch.no_grad():
+            prototypes = class_means(features_of(), one_hot)[0]
+        return AdaptedHead(
+            prototypes, beta[0], beta[0], hp["scale"], self.name, hp, losses[:, 0].tolist(), adapters
+        )
+
+
+def adapted_features(backbone, pixel_values: torch.Tensor, adapters: dict[str, torch.Tensor]):
+    """A function giving the support features [1, N, d] through the backbone with `adapters`.
+
+    The stages before the first adapter do not change during adaptation, so they run once, here.
+    """
+    start = first_adapted_stage(backbone, adapters)
+    with torch.no_grad():
+        frozen = backbone.run_stages(backbone.embed_stem(pixel_values), stop=start)
+
+    def features() -> torch.Tensor:
+        return backbone.pool(backbone.run_stages(frozen, adapters, start=start)).unsqueeze(0)
+
+    return features
