@@ -43,8 +43,8 @@ METHODS: dict[str, str] = {
     "copa": "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)",
     "url": "learns one map for both (nearest-centroid loss)",
     "ncc": "learns nothing (cosine to the class means)",
-    "tsa": "adapts the backbone too, with residual adapters in every stage, plus one map (slower)",
-    "copa+tsa": "CoPA's two maps plus adapters in stages 2 and 3 of the backbone (slower)",
+    "tsa": "also adapts the backbone, with residual adapters in every stage, plus one map (slower)",
+    "copa+tsa": "adds residual adapters in the backbone's middle stages to CoPA's two maps (slower)",
 }
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 # Colour-blind-safe palette (Okabe-Ito, then Tableau), one colour per class in the plot and the result cards.

@@ -125,6 +125,9 @@ def eval_results(evaluation: Mapping[str, Any]) -> list[Any]:
                     task_name=f"Few-shot image classification ({config['protocol']} episodes)",
                     dataset_type=path if _is_hub_id(path) else domain,
                     dataset_name=f"{domain}{f' ({role} domain)' if role else ''}",
+                    # The Hub groups metrics by (task, dataset, config, split): the episode protocol is the
+                    # dataset "config" here, so that evaluations under several protocols stay apart.
+                    dataset_config=config["protocol"],
                     dataset_split=config["domains"][domain]["split"],
                     metric_type="accuracy",
                     metric_value=round(score["mean"], 2),

@@ -56,7 +56,7 @@ def test_a_user_classifies_uploaded_images_in_chromium(browser, space, real_task
     expect(page.locator("#query-images .thumbnail-item img")).to_have_count(
         len(real_task.queries), timeout=WAIT_MS
     )
-    expect(page.get_by_label("copa")).to_be_checked()  # the default method
+    expect(page.get_by_label("copa", exact=True)).to_be_checked()  # the default method
 
     page.locator("#copa-classify").click()
     cards = page.locator("#copa-predictions .copa-card")

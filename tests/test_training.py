@@ -153,6 +153,50 @@ def test_training_writes_a_loadable_model_with_classifiers_log_and_card(tmp_path
     assert features.shape == (2, 8) and torch.isfinite(features).all()
 
 
+def fake_results(protocol: str, methods: list[str], offset: float) -> dict:
+    """What `hf-copa evaluate --output` writes, for two domains."""
+    results = {
+        domain: {m: {"mean": 50.0 + offset + i, "ci95": 1.0, "episodes": 10} for i, m in enumerate(methods)}
+        for domain in ("shapes", "colours")
+    }
+    averages = {"all": {m: 50.0 + offset + i for i, m in enumerate(methods)}}
+    config = {
+        "methods": methods,
+        "protocol": protocol,
+        "episodes": 10,
+        "seed": 0,
+        "roles": {"shapes": "seen", "colours": "unseen"},
+        "domains": {d: {"path": d, "split": "test"} for d in results},
+    }
+    return {"results": results, "averages": averages, "config": config}
+
+
+def test_the_card_shows_extra_evaluations_as_tables_and_model_index(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_copa.model_cards import write_trained_model_card
+
+    train(tiny_config(tmp_path, max_steps=2), load_dataset=load_synthetic, progress=False)
+    folder = tmp_path / "model"
+    write_trained_model_card(
+        folder,
+        evaluation=fake_results("meta-dataset", ["ncc", "copa"], 0),
+        extra_evaluations=[
+            (fake_results("5-way-1-shot", ["copa", "tsa", "copa+tsa"], 10), "hf-copa evaluate X")
+        ],
+    )
+    card = ModelCard.load(folder / "README.md")
+    assert "| domain | role | ncc | copa |" in card.text
+    assert "| domain | role | copa | tsa | copa+tsa |" in card.text
+    assert "`5-way-1-shot` episodes" in card.text and "hf-copa evaluate X" in card.text
+    results = card.data.eval_results
+    assert len(results) == 2 * 2 + 2 * 3
+    one_shot = [r for r in results if "5-way-1-shot" in r.task_name]
+    assert sorted((r.dataset_type, r.metric_config) for r in one_shot) == sorted(
+        (d, m) for d in ("shapes", "colours") for m in ("copa", "tsa", "copa+tsa")
+    )
+
+
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
     straight = train(tiny_config(tmp_path / "a"), load_dataset=load_synthetic, progress=False)
     # An interrupted run: its step-3 checkpoint is all that survives of it.
