@@ -100,7 +100,12 @@ def write_trained_model_card(
         baseline_table=results_table(baseline) if baseline else None,
         evaluation_command=evaluation_command,
         extra_evaluations=[
-            {"summary": _summary(results), "table": results_table(results), "command": command}
+            {
+                "protocol": results["config"]["protocol"],
+                "summary": _summary(results),
+                "table": results_table(results),
+                "command": command,
+            }
             for results, command in extras
         ],
     )

@@ -22,6 +22,7 @@ from hf_copa.pretrained import load_model, random_backbone
 
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
 METHODS = ("ncc", "url", "copa")
+ALL_METHODS = ("ncc", "url", "copa", "tsa", "copa+tsa")
 DOMAINS = ("omniglot", "tiny_imagenet", "mnist", "fashion_mnist", "cifar10", "quickdraw")
 
 
@@ -98,13 +99,17 @@ def test_random_backbone_has_the_shape_and_seeded_weights_but_no_source(default_
 
 
 def test_the_card_states_the_evaluation_as_model_index():
+    """The Meta-Dataset evaluation (ncc, url, copa) and the 5-way 1-shot one with every method."""
     metadata = card_metadata()
     results = metadata["model-index"][0]["results"]
-    metrics = [(r["dataset"]["name"].split(" ")[0], m) for r in results for m in r["metrics"]]
-    assert sorted((name, m["config"]) for name, m in metrics) == sorted(
-        (domain, method) for domain in DOMAINS for method in METHODS
+    metrics = [
+        (r["dataset"]["config"], r["dataset"]["name"].split(" ")[0], m) for r in results for m in r["metrics"]
+    ]
+    assert sorted((protocol, name, m["config"]) for protocol, name, m in metrics) == sorted(
+        [("meta-dataset", domain, method) for domain in DOMAINS for method in METHODS]
+        + [("5-way-1-shot", domain, method) for domain in DOMAINS for method in ALL_METHODS]
     )
-    for _, metric in metrics:
+    for _, _, metric in metrics:
         assert metric["type"] == "accuracy" and 0 < metric["value"] <= 100
     text = (hf_copa.default_model_path() / "README.md").read_text()
     assert "hf-copa train" in text and "random" in text

@@ -1,10 +1,10 @@
 """TSA and CoPA+TSA against the authors' official outputs (../shared/reference) and their official algorithm.
 
-What float32 can show, and what it cannot: in these loops round-off is amplified. Two float32 runs of the
-*same* code that differ only in round-off (thread count, 1-ulp input changes) end 0.01-0.03 apart in TSA's
-seen-domain logits and up to several logit units apart in the high-learning-rate settings, where Adam's
-and Adadelta's first steps turn near-zero gradients into full-size updates
-(`scripts/tsa_fidelity_study.py` measures this; the README has its table). So:
+What float32 can show, and what it cannot: in these loops round-off is amplified. Float32 runs of the
+*same* algorithm that differ only in round-off (thread count, 1-ulp input changes, the official loop's
+structure) end up to 0.039 apart in TSA's seen-domain logits, 0.012 in CoPA+TSA's default-setting logits,
+and 1 to 7 logit units apart in the high-learning-rate settings (`scripts/tsa_fidelity_study.py` measures
+this; the README has its table). No float32 implementation can be held to 1e-3 there. So:
 
 - the float32 learners are held to the reference where the reference is reproducible at all: CoPA+TSA's
   per-step losses at its default setting (1e-4 relative), the first losses of every setting (before
@@ -29,10 +29,11 @@ from hf_copa.testing.official import official_copa_tsa, official_tsa
 EPISODES = (0, 1)
 TSA_SETTINGS = {"seen": (0.05, 0.1), "unseen": (0.5, 1.0)}  # lr, lr_beta
 COPA_TSA_SETTINGS = {"default": ("default", 1e-3, 0.1, 0.1), "highlr": ("high-lr", 5e-3, 0.5, 0.0)}
-# Bounds on |logits - reference| for the settings that stay within float32 round-off of the official
-# run: twice the largest spread measured between round-off-perturbed float32 runs of these episodes.
-TSA_SEEN_BOUND = 0.06
-COPA_TSA_DEFAULT_BOUND = 0.02
+# Bounds on |logits - reference| for the settings whose round-off spread stays small: twice the largest
+# spread measured between round-off-perturbed float32 runs of these episodes (0.039 and 0.0121;
+# hf_copa's own float32 runs are 0.022 / 0.012 and 0.0013 / 0.0052 from the reference).
+TSA_SEEN_BOUND = 0.08
+COPA_TSA_DEFAULT_BOUND = 0.025
 
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,9 @@ Teach a classifier new classes from a handful of images. A frozen ResNet backbon
 images; **CoPA** (Tian et al., *Mind the Gap Between Prototypes and Images in Cross-domain Finetuning*,
 NeurIPS 2024) then learns two small maps, Θ_I for image embeddings and Θ_P for class prototypes, so that each
 image lands near its class. **TSA** and **CoPA+TSA** also adapt the backbone itself with small residual
-adapters: often better on unfamiliar images, but the backbone then runs 40 times, so they take longer. The plot shows that space before and after adaptation, and the gap between the
-mean image and the mean prototype that the paper studies.
+adapters: often better on unfamiliar images, but the backbone then runs 40 times, so they take longer.
+The plot shows that space before and after adaptation, and the gap between the mean image and the mean
+prototype that the paper studies.
 
 **Limits:** {LIMITS.describe()} Requests are queued. Uploaded images are deleted from the server when a
 run ends, whatever its outcome (the bundled examples stay).
