@@ -12,7 +12,7 @@ and two tasks can use one backbone at once.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,23 @@ def first_adapted_stage(model: nn.Module, adapters: Mapping[str, torch.Tensor]) 
     names = list(model.stage_names)
     stages = [names.index(name.split(".", 1)[0]) for name in adapters]
     return min(stages, default=len(names))
+
+
+def adapted_features(
+    backbone: nn.Module, pixel_values: torch.Tensor, adapters: Mapping[str, torch.Tensor]
+) -> Callable[[], torch.Tensor]:
+    """A function giving the support features [1, N, d] through the backbone with `adapters`.
+
+    The stages before the first adapter do not change during adaptation, so they run once, here.
+    """
+    start = first_adapted_stage(backbone, adapters)
+    with torch.no_grad():
+        frozen = backbone.run_stages(backbone.embed_stem(pixel_values), stop=start)
+
+    def features() -> torch.Tensor:
+        return backbone.pool(backbone.run_stages(frozen, adapters, start=start)).unsqueeze(0)
+
+    return features
 
 
 @contextlib.contextmanager

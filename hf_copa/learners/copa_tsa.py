@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import identity_adapters
+from ..adapters import adapted_features, identity_adapters
 from ..losses import class_means, one_hot_labels, symmetric_contrastive_loss
 from .base import AdaptedHead, BackboneLearner, register_learner
 from .optimization import identity_matrices, run_steps
-from .tsa import adapted_features
 
 
 @register_learner("copa+tsa")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import first_adapted_stage, identity_adapters
+from ..adapters import adapted_features, identity_adapters
 from ..losses import class_means, cosine_scores, ncc_loss, one_hot_labels
 from .base import AdaptedHead, BackboneLearner, register_learner
 from .optimization import identity_matrices, run_steps
@@ -42,18 +42,3 @@ class TSALearner(BackboneLearner):
         return AdaptedHead(
             prototypes, beta[0], beta[0], hp["scale"], self.name, hp, losses[:, 0].tolist(), adapters
         )
-
-
-def adapted_features(backbone, pixel_values: torch.Tensor, adapters: dict[str, torch.Tensor]):
-    """A function giving the support features [1, N, d] through the backbone with `adapters`.
-
-    The stages before the first adapter do not change during adaptation, so they run once, here.
-    """
-    start = first_adapted_stage(backbone, adapters)
-    with torch.no_grad():
-        frozen = backbone.run_stages(backbone.embed_stem(pixel_values), stop=start)
-
-    def features() -> torch.Tensor:
-        return backbone.pool(backbone.run_stages(frozen, adapters, start=start)).unsqueeze(0)
-
-    return features
