@@ -4,7 +4,7 @@ For each reference case (tsa seen/unseen, copa+tsa default/high-lr, episodes 0 a
 
 - hf_copa's learner in float32, as the reference was made (2 threads, channels-last input);
 - the same with round-off perturbed: 1 thread; the input computed in float64 then rounded (1 ulp off in
-  ~64% of the pixels); and the plain transcription of the official loop (`hf_copa.testing.official`);
+  ~64% of the pixels); and the plain transcription of the official loop (`tests.support.official`);
 - hf_copa's learner in float64, and the transcription in float64 (the official algorithm's exact answer).
 
 It reports |logits - reference| for each, the spread among the float32 runs (how far round-off alone moves
@@ -28,7 +28,7 @@ import torch
 
 from hf_copa import CopaConfig, CopaModel, get_learner
 from hf_copa.conversion import load_url_checkpoint
-from hf_copa.testing.official import official_copa_tsa, official_tsa
+from tests.support.official import official_copa_tsa, official_tsa
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 CASES = {  # (method, reference name) -> (preset, official hyperparameters)

@@ -24,7 +24,7 @@ from hf_copa.conversion import (
     convert_url_checkpoint,
     load_domain_classifiers,
 )
-from hf_copa.testing.local_hub import local_hub_env
+from tests.support.local_hub import local_hub_env
 
 FOLDER_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
 DOMAIN_SIZES = [712, 883, 70, 140, 33, 241, 994, 71]

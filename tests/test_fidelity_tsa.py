@@ -11,7 +11,7 @@ this; the README has its table). No float32 implementation can be held to 1e-3 t
   round-off has grown), and the logits of the settings that stay within round-off spread, at a bound
   just above that measured spread;
 - the algorithm itself is checked in float64, where round-off cannot steer trajectories apart: the
-  learners must equal `hf_copa.testing.official`, a plain transcription of the official loops
+  learners must equal `tests.support.official`, a plain transcription of the official loops
   (adapter modules in a deep copy, 1x1-convolution heads, N x N contrastive logits, the official
   optimiser groups), to 1e-6 over all 40 steps of every setting.
 """
@@ -24,7 +24,7 @@ import torch
 
 from hf_copa import CopaConfig, CopaModel, get_learner
 from hf_copa.conversion import load_url_checkpoint
-from hf_copa.testing.official import official_copa_tsa, official_tsa
+from tests.support.official import official_copa_tsa, official_tsa
 
 EPISODES = (0, 1)
 TSA_SETTINGS = {"seen": (0.05, 0.1), "unseen": (0.5, 1.0)}  # lr, lr_beta

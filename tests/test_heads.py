@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from hf_copa import CopaConfig, CopaForFewShotClassification, CopaModel
 from hf_copa.adapters import adapter_shapes
 from hf_copa.heads import HEAD_WEIGHTS_NAME
-from hf_copa.testing.local_hub import LocalHub, local_hub_env
+from tests.support.local_hub import LocalHub, local_hub_env
 
 TINY = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 40), (200, 40, 200)]

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hf_copa.testing.local_hub import LocalHub, local_hub_env
+from tests.support.local_hub import LocalHub, local_hub_env
 
 REPO = "test-user/tiny"
 

@@ -36,7 +36,7 @@ from hf_copa.interactive import (
     prototype_image_gap,
 )
 from hf_copa.pretrained import load_model
-from hf_copa.testing.local_hub import LocalHub
+from tests.support.local_hub import LocalHub
 
 from .conftest import REPO_ROOT, SHARED_DIR
 

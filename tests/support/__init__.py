@@ -1,0 +1,1 @@
+"""Test support code, kept out of the wheel: a local Hub server and transcriptions of the official loops."""
