@@ -2,14 +2,21 @@
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-from .api import adapt
+from ._version import __version__
+from .adaptation import adapt, adapt_to_task
 from .bundled import DEFAULT_MODEL, default_model_path
-from .configuration_copa import ADAPTATION_DEFAULTS, ADAPTATION_PRESETS, CopaConfig
+from .configuration_copa import CopaConfig
+from .heads import AdaptedHead
 from .image_processing_copa import CopaImageProcessor
-from .learners import AdaptedHead, Learner, available_methods, get_learner, register_learner
+from .learners import (
+    ADAPTATION_DEFAULTS,
+    ADAPTATION_PRESETS,
+    Learner,
+    available_methods,
+    get_learner,
+    register_learner,
+)
 from .modeling_copa import CopaForFewShotClassification, CopaModel, CopaModelOutput, CopaPreTrainedModel
-
-__version__ = "0.1.0"
 
 AutoConfig.register(CopaConfig.model_type, CopaConfig, exist_ok=True)
 AutoModel.register(CopaConfig, CopaModel, exist_ok=True)
@@ -17,6 +24,7 @@ AutoModelForImageClassification.register(CopaConfig, CopaForFewShotClassificatio
 AutoImageProcessor.register(CopaConfig, image_processor_classes={"pil": CopaImageProcessor}, exist_ok=True)
 
 __all__ = [
+    "__version__",
     "DEFAULT_MODEL",
     "default_model_path",
     "ADAPTATION_DEFAULTS",
@@ -30,6 +38,7 @@ __all__ = [
     "CopaPreTrainedModel",
     "Learner",
     "adapt",
+    "adapt_to_task",
     "available_methods",
     "get_learner",
     "register_learner",

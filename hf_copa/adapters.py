@@ -11,8 +11,7 @@ and two tasks can use one backbone at once.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,21 +98,3 @@ def adapted_features(
         return backbone.pool(backbone.run_stages(frozen, adapters, start=start)).unsqueeze(0)
 
     return features
-
-
-@contextlib.contextmanager
-def frozen_backbone(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm uses its running statistics) and no gradients for the backbone's own weights,
-    so that backpropagating into adapters neither computes nor accumulates weight gradients. Restored after.
-    """
-    was_training = model.training
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    model.eval()
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(was_training)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .bundled import DEFAULT_MODEL
 from .folders import list_images, load_class_folders, sample_task_dir
-from .learners import available_methods
+from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names
 from .training import MIXED_PRECISION_CHOICES, TrainingConfig
+from .validation import CopaError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,15 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--model", default=None, help="model folder or Hub id (default: the bundled backbone)"
         )
-        sub.add_argument("--method", default="copa", choices=available_methods())
+        sub.add_argument("--method", default=DEFAULT_METHOD, choices=available_methods())
         sub.add_argument("--preset", default=None, help="named hyperparameter setting, e.g. high-lr, seen")
-        sub.add_argument("--steps", type=int, default=None)
-        sub.add_argument("--lr", type=float, default=None)
-        sub.add_argument("--weight-decay", type=float, default=None)
-        sub.add_argument("--lr-beta", type=float, default=None, help="tsa: learning rate of the head beta")
-        sub.add_argument(
-            "--adapter-lr-scale", type=float, default=None, help="copa+tsa: adapters learn at lr x this"
-        )
+        add_hyperparameter_flags(sub)
         sub.add_argument("--json", action="store_true", help="print predictions as JSON")
 
     demo = commands.add_parser("demo", help="classify the bundled sample images (a 3-way 5-shot task)")
@@ -137,6 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(flag, type=type(value), default=value, help=f"default {value}")
     train.add_argument("--no-progress", action="store_true")
 
+    card = commands.add_parser(
+        "model-card",
+        help="(re)write the model card of a backbone trained by hf-copa train, with its evaluation tables",
+        description="EVAL.json / RANDOM.json are written by `hf-copa evaluate --output` for the model and "
+        "for `hf-copa evaluate --random-init` (the same shape with random weights); EVAL.json becomes "
+        "model-index.",
+    )
+    card.add_argument("model_dir", help="a model folder written by hf-copa train")
+    card.add_argument("--evaluation", default=None, metavar="EVAL.json", help="the model's evaluation")
+    card.add_argument("--baseline", default=None, metavar="RANDOM.json", help="its random-init evaluation")
+    card.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="the model's Hub id, for the card")
+    card.add_argument("--evaluation-command", default=None, help="the command that made --evaluation")
+    card.add_argument("--default", action="store_true", help="the card of hf_copa's bundled default model")
+    card.add_argument("--notes", default=None, metavar="FILE.md", help="markdown added under Training")
+    card.add_argument(
+        "--extra-evaluation", action="append", default=[], help="another results JSON, shown as its own table"
+    )
+    card.add_argument(
+        "--extra-evaluation-command",
+        action="append",
+        default=[],
+        help="the command of each --extra-evaluation",
+    )
+
     convert = commands.add_parser(
         "convert", help="convert URL's released checkpoint (model_best.pth.tar[.xz]) to a model folder"
     )
@@ -149,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep URL's 8 domain classifiers, in domain_classifiers.safetensors",
     )
     return parser
+
+
+def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per hyperparameter any registered learner declares (`--lr`, `--lr-beta`, ...), typed like
+    its defaults; its help says which methods take it and their defaults."""
+    for name, defaults in hyperparameter_names().items():
+        kind = (
+            int if all(isinstance(v, int) and not isinstance(v, bool) for v in defaults.values()) else float
+        )
+        taken = ", ".join(f"{method} {value:g}" for method, value in defaults.items())
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"default: {taken}"
+        )
+
+
+def hyperparameters_from(args: argparse.Namespace) -> dict:
+    """The hyperparameter flags given on the command line."""
+    return {name: getattr(args, name) for name in hyperparameter_names() if getattr(args, name) is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "train":
             return _train(args, argv)
-    except (ValueError, TypeError, OSError) as err:
+        if args.command == "model-card":
+            return _model_card(args)
+    except (CopaError, ValueError, OSError) as err:  # what the user gave; anything else is a bug
         print(f"hf-copa: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -204,20 +243,9 @@ def _load_model(name_or_path: str | None, show_notes: bool = True):
 
 def _classify(args, support_paths, support_labels, query_paths, truth) -> int:
     model = _load_model(args.model)
-    hyperparameters = {
-        "steps": args.steps,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "lr_beta": args.lr_beta,
-        "adapter_lr_scale": args.adapter_lr_scale,
-    }
     started = time.perf_counter()
     classifier = model.adapt(
-        support_paths,
-        support_labels,
-        method=args.method,
-        preset=args.preset,
-        **{k: v for k, v in hyperparameters.items() if v is not None},
+        support_paths, support_labels, method=args.method, preset=args.preset, **hyperparameters_from(args)
     )
     adapt_seconds = time.perf_counter() - started
     predictions = classifier.predict(query_paths)
@@ -323,7 +351,31 @@ def _train(args, argv: list[str] | None) -> int:
         **fields, datasets=args.dataset, output_dir=args.output_dir, teachers=teachers, command=command
     )
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"wrote {result.output_dir} ({result.steps} steps, {result.seconds / 60:.1f} min)")
+    if result.is_main_process:
+        from .model_cards import write_trained_model_card
+
+        write_trained_model_card(result.output_dir)
+        print(f"wrote {result.output_dir} ({result.steps} steps, {result.seconds / 60:.1f} min)")
+    return 0
+
+
+def _model_card(args) -> int:
+    from .model_cards import write_trained_model_card
+
+    if len(args.extra_evaluation_command) > len(args.extra_evaluation):
+        raise ValueError("More --extra-evaluation-command than --extra-evaluation were given.")
+    commands = args.extra_evaluation_command + [None] * len(args.extra_evaluation)
+    path = write_trained_model_card(
+        args.model_dir,
+        evaluation=args.evaluation,
+        baseline=args.baseline,
+        repo_id=args.repo_id,
+        evaluation_command=args.evaluation_command,
+        is_default=args.default,
+        training_notes=Path(args.notes).read_text() if args.notes else None,
+        extra_evaluations=list(zip(args.extra_evaluation, commands, strict=False)),
+    )
+    print(f"wrote {path}")
     return 0
 
 

@@ -159,6 +159,18 @@ def load_url_checkpoint(checkpoint_path: str | Path) -> UrlCheckpoint:
     )
 
 
+def load_url_backbone(checkpoint_path: str | Path, stem_padding: int = 2) -> CopaModel:
+    """URL's checkpoint as a `CopaModel` in eval mode, without writing anything.
+
+    `stem_padding=1` builds the network URL's and CoPA's test scripts load the checkpoint into
+    (`models/resnet18.py`); 2 is the network URL trained it in (`models/resnet18_mdl.py`); see
+    `../shared/reference/README.md`.
+    """
+    return _backbone_model(
+        CopaConfig(stem_padding=stem_padding), load_url_checkpoint(checkpoint_path).backbone
+    )
+
+
 def render_model_card(config: CopaConfig, checkpoint: UrlCheckpoint, repo_id: str):
     """The model card (`huggingface_hub.ModelCard`) from the packaged `base_model.md` template."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -195,7 +207,7 @@ def render_model_card(config: CopaConfig, checkpoint: UrlCheckpoint, repo_id: st
         epoch=checkpoint.epoch,
         best_val_acc=checkpoint.best_val_acc,
         best_val_loss=checkpoint.best_val_loss,
-        domain_classifier_sizes=getattr(config, "domain_classifier_sizes", None),
+        domain_classifier_sizes=config.domain_classifier_sizes,
     )
 
 
@@ -206,7 +218,7 @@ def load_domain_classifiers(model_path_or_id: str | Path, **hub_kwargs: Any) -> 
     order. `hub_kwargs` (`revision`, `token`, ...) go to `hf_hub_download` for a Hub id.
     """
     config = CopaConfig.from_pretrained(model_path_or_id, **hub_kwargs)
-    sizes = getattr(config, "domain_classifier_sizes", None)
+    sizes = config.domain_classifier_sizes
     if not sizes:
         raise ValueError(
             f"{model_path_or_id} has no domain classifiers (no domain_classifier_sizes in config.json); "
@@ -220,7 +232,7 @@ def load_domain_classifiers(model_path_or_id: str | Path, **hub_kwargs: Any) -> 
 
         file = Path(hf_hub_download(str(model_path_or_id), DOMAIN_CLASSIFIERS_FILE, **hub_kwargs))
     tensors = load_file(file)
-    domains = getattr(config, "domain_classifier_domains", None) or _domain_names(sizes)
+    domains = config.domain_classifier_domains or _domain_names(sizes)
     heads = {}
     for index, (domain, size) in enumerate(zip(domains, sizes, strict=True)):
         head = torch.nn.Linear(config.feature_dim, size)
@@ -352,6 +364,7 @@ __all__ = [
     "UrlCheckpoint",
     "convert_url_checkpoint",
     "load_domain_classifiers",
+    "load_url_backbone",
     "load_url_checkpoint",
     "render_model_card",
 ]

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .validation import CopaTypeError, check_int
+
 __all__ = [
     "Episode",
     "EpisodeProtocol",
@@ -87,7 +89,7 @@ def _as_1d_values(values: Any, what: str, *, allow_negative: bool) -> np.ndarray
         return array
     if array.dtype.kind in "US":
         return array
-    raise TypeError(f"{what} must hold integers or strings; got values of dtype {array.dtype}.")
+    raise CopaTypeError(f"{what} must hold integers or strings; got values of dtype {array.dtype}.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,16 +159,16 @@ class LabelIndex:
         import datasets
 
         if isinstance(dataset, datasets.DatasetDict):
-            raise TypeError(
+            raise CopaTypeError(
                 f"got a DatasetDict with splits {list(dataset)}; pass one split, e.g. dataset['test']."
             )
         if isinstance(dataset, datasets.IterableDataset):
-            raise TypeError(
+            raise CopaTypeError(
                 "episodes need random access to rows; got an IterableDataset (streaming). "
                 "Load the split without streaming=True."
             )
         if not isinstance(dataset, datasets.Dataset):
-            raise TypeError(f"expected a datasets.Dataset; got {type(dataset).__name__}.")
+            raise CopaTypeError(f"expected a datasets.Dataset; got {type(dataset).__name__}.")
         columns = [label_column] + ([hierarchy_column] if hierarchy_column is not None else [])
         missing = [c for c in columns if c not in dataset.column_names]
         if missing:
@@ -183,11 +185,6 @@ class LabelIndex:
 
 # --------------------------------------------------------------------------------------------------------
 # Protocols: Meta-Dataset's EpisodeDescriptionConfig, with its published defaults.
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -213,25 +210,25 @@ class EpisodeProtocol:
 
     def __post_init__(self) -> None:
         if self.num_ways is not None:
-            _check_int("num_ways", self.num_ways, 1)
+            check_int("num_ways", self.num_ways, 1)
         if isinstance(self.num_support, tuple | list):
             if len(self.num_support) != 2:
                 raise ValueError(f"num_support as a range must be (low, high); got {self.num_support!r}.")
             low, high = self.num_support
-            _check_int("num_support low", low, 1)
-            _check_int("num_support high", high, low)
+            check_int("num_support low", low, 1)
+            check_int("num_support high", high, low)
             object.__setattr__(self, "num_support", (int(low), int(high)))
         elif self.num_support is not None:
-            _check_int("num_support", self.num_support, 1)
+            check_int("num_support", self.num_support, 1)
         if self.num_query is not None:
-            _check_int("num_query", self.num_query, 1)
-        _check_int("min_ways", self.min_ways, 1)
-        _check_int("max_ways_upper_bound", self.max_ways_upper_bound, self.min_ways)
-        _check_int("max_num_query", self.max_num_query, 1)
-        _check_int("max_support_size_contrib_per_class", self.max_support_size_contrib_per_class, 1)
-        _check_int("min_examples_in_class", self.min_examples_in_class, 0)
+            check_int("num_query", self.num_query, 1)
+        check_int("min_ways", self.min_ways, 1)
+        check_int("max_ways_upper_bound", self.max_ways_upper_bound, self.min_ways)
+        check_int("max_num_query", self.max_num_query, 1)
+        check_int("max_support_size_contrib_per_class", self.max_support_size_contrib_per_class, 1)
+        check_int("min_examples_in_class", self.min_examples_in_class, 0)
         most_ways = self.num_ways if self.num_ways is not None else self.max_ways_upper_bound
-        _check_int("max_support_set_size", self.max_support_set_size, 1)
+        check_int("max_support_set_size", self.max_support_set_size, 1)
         if self.num_support is None and self.max_support_set_size < most_ways:
             raise ValueError(
                 f"max_support_set_size={self.max_support_set_size} cannot hold one support example for each "
@@ -298,7 +295,7 @@ def get_protocol(name: str, **options: Any) -> EpisodeProtocol:
         )
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
-        raise TypeError(f"unknown episode option(s) {unknown}; valid options are {list(_OPTION_NAMES)}.")
+        raise CopaTypeError(f"unknown episode option(s) {unknown}; valid options are {list(_OPTION_NAMES)}.")
     protocol = replace(_PROTOCOLS[canonical], **options)
     if canonical == "fixed":
         missing = [n for n in ("num_ways", "num_support", "num_query") if getattr(protocol, n) is None]
@@ -377,9 +374,9 @@ class EpisodeSampler:
         num_episodes: int = DEFAULT_NUM_EPISODES,
     ) -> None:
         if not isinstance(index, LabelIndex):
-            raise TypeError(f"index must be a LabelIndex; got {type(index).__name__}.")
-        _check_int("seed", seed, 0)
-        _check_int("num_episodes", num_episodes, 0)
+            raise CopaTypeError(f"index must be a LabelIndex; got {type(index).__name__}.")
+        check_int("seed", seed, 0)
+        check_int("num_episodes", num_episodes, 0)
         self.index = index
         self.protocol = protocol if protocol is not None else EpisodeProtocol()
         self.seed = int(seed)
@@ -446,7 +443,7 @@ class EpisodeSampler:
 
     def episode(self, index: int) -> Episode:
         """Episode ``index``: a pure function of (label index, protocol, seed, index)."""
-        _check_int("episode index", index, 0)
+        check_int("episode index", index, 0)
         rng = np.random.default_rng([self.seed, int(index)])
         chosen, node = self._sample_classes(rng)
         counts = self._counts[chosen]

@@ -24,16 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .adaptation import adapt_to_task
+from .batching import episode_chunks, largest_first, pad_episodes
 from .distributed import use_cpu
 from .episodes import Episode, make_sampler
-from .learners import available_methods, get_learner
-from .learners.base import CLASS_MULTIPLE, ROW_MULTIPLE, pad_support_sets, padded_size
-
-# Episodes adapted together: at most this many, and at most this many padded support rows in all.
-# On CPU, chunks of 4-8 run 1.3x faster than one-by-one; larger ones lose it to memory traffic
-# (each episode brings its own d x d heads and Adam states).
-MAX_EPISODES_PER_CHUNK = 8
-MAX_SUPPORT_ROWS_PER_CHUNK = 8192
+from .frozen import frozen_backbone
+from .learners import available_methods, get_learner, learner_class
+from .splits import RawImages, SplitSpec, load_split
+from .validation import CopaValueError, check_int
 
 
 @dataclass
@@ -51,11 +49,8 @@ class Domain:
     @classmethod
     def parse(cls, spec: str) -> Domain:
         """`PATH_OR_ID[:SPLIT]` -> Domain named after the last path component."""
-        path, _, split = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-        path = path.rstrip("/")
-        if not path:
-            raise ValueError(f"Empty dataset in {spec!r}; use PATH_OR_ID[:SPLIT].")
-        return cls(name=Path(path).name, path=path, split=split or "test")
+        split = SplitSpec.parse(spec, default_split="test")
+        return cls(name=split.name, path=split.path, split=split.split)
 
 
 def parse_override(text: str) -> tuple[str | None, str, str, Any]:
@@ -87,52 +82,6 @@ def confidence_interval(accuracies: Sequence[float]) -> float:
     return float(1.96 * values.std() / math.sqrt(len(values))) if len(values) else float("nan")
 
 
-def episode_chunks(episodes: Sequence[Episode]) -> list[list[int]]:
-    """Fixed chunks of episode positions that share a padded shape, bounded in count and rows.
-
-    Episodes are sorted by support size; a chunk never mixes padded shapes, so batching
-    changes no episode's arithmetic (see `learners.base.pad_support_sets`).
-    """
-    order = sorted(range(len(episodes)), key=lambda i: (_padded_shape(episodes[i]), i))
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for position in order:
-        shape = _padded_shape(episodes[position])
-        if current and (
-            shape != _padded_shape(episodes[current[0]])
-            or len(current) >= MAX_EPISODES_PER_CHUNK
-            or shape[0] * (len(current) + 1) > MAX_SUPPORT_ROWS_PER_CHUNK
-        ):
-            chunks.append(current)
-            current = []
-        current.append(position)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def _padded_shape(episode: Episode) -> tuple[int, int]:
-    return (
-        padded_size(len(episode.support_indices), ROW_MULTIPLE),
-        padded_size(int(episode.support_labels.max()) + 1, CLASS_MULTIPLE),
-    )
-
-
-def pad_episodes(
-    features: torch.Tensor, episodes: Sequence[Episode]
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Support sets of `episodes` as padded [B, N, d] features, [B, N] labels (-1 = padding), C classes."""
-    return pad_support_sets(
-        [
-            (
-                features[torch.as_tensor(e.support_indices)],
-                torch.as_tensor(e.support_labels, dtype=torch.long),
-            )
-            for e in episodes
-        ]
-    )
-
-
 def adapt_and_score(
     features: torch.Tensor,
     episodes: Sequence[Episode],
@@ -160,11 +109,14 @@ def adapt_images_and_score(
     hyperparameters: dict[str, Any],
 ) -> float:
     """Query accuracy of one episode for a learner that adapts the backbone (`needs_backbone`)."""
-    learner = get_learner(method, **hyperparameters)
-    support = images.pixel_values(episode.support_indices)
-    head = learner.fit_images(model, support, torch.as_tensor(episode.support_labels, dtype=torch.long))
-    query = model.extract_features(images.pixel_values(episode.query_indices), adapters=head.adapters)
-    predicted = head.logits(query.to(head.prototypes)).argmax(dim=1).cpu()
+    adapted = adapt_to_task(
+        model,
+        torch.as_tensor(episode.support_labels, dtype=torch.long),
+        get_learner(method, **hyperparameters),
+        support_images=images.pixel_values(episode.support_indices),
+        query_images=images.pixel_values(episode.query_indices),
+    )
+    predicted = adapted.query_logits().argmax(dim=1).cpu()
     return float((predicted == torch.as_tensor(episode.query_labels)).float().mean())
 
 
@@ -172,23 +124,11 @@ class EpisodeImages:
     """Pixel values of dataset rows, decoded on demand (what backbone-adapting learners need per episode)."""
 
     def __init__(self, dataset: Any, processor: Any, image_column: str = "image") -> None:
-        if image_column not in dataset.column_names:
-            raise ValueError(
-                f"The dataset has no column {image_column!r}; its columns are {dataset.column_names}."
-            )
-        # Raw images of one column, as in feature extraction: transforms are ignored.
-        self.dataset = dataset.with_format(None).select_columns([image_column])
+        self.images = RawImages(dataset, image_column)
         self.processor = processor
-        self.image_column = image_column
 
     def pixel_values(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
-        images = self.dataset[[int(row) for row in rows]][self.image_column]
-        return self.processor(images, return_tensors="pt")["pixel_values"]
-
-
-def backbone_episode_order(episodes: Sequence[Episode]) -> list[int]:
-    """Episode positions, largest support set first, so that processes dealt them in turn share the work."""
-    return sorted(range(len(episodes)), key=lambda i: (-len(episodes[i].support_indices), i))
+        return self.processor(self.images.rows(rows), return_tensors="pt")["pixel_values"]
 
 
 def adapt_one_by_one(
@@ -293,17 +233,16 @@ def evaluate(
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .features import extract_dataset_features, frozen_on
+    from .features import extract_dataset_features
 
     state = PartialState(cpu=use_cpu())
     overrides = overrides or {}
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; choose from {available_methods()}.")
-    if num_episodes < 1:
-        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}.")
-    load_dataset = load_dataset or load_split
-    on_backbone = {m: get_learner(m).needs_backbone for m in methods}
+        raise CopaValueError(f"Unknown method(s) {unknown}; choose from {available_methods()}.")
+    check_int("num_episodes", num_episodes, 1)
+    load_dataset = load_dataset or (lambda domain: load_split(domain.path, domain.split))
+    on_backbone = {m: learner_class(m).needs_backbone for m in methods}
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
     for domain in domains:
@@ -324,7 +263,7 @@ def evaluate(
         )
         episodes = [sampler.episode(i) for i in range(num_episodes)]
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
-        singles = backbone_episode_order(episodes)[state.process_index :: state.num_processes]
+        singles = largest_first(episodes)[state.process_index :: state.num_processes]
         accuracies[domain.name] = {}
         used_hyperparameters[domain.name] = {}
         for method in methods:
@@ -334,7 +273,7 @@ def evaluate(
             show = progress and state.is_main_process
             if on_backbone[method]:
                 images = EpisodeImages(dataset, model.default_image_processor(), domain.image_column)
-                with frozen_on(model, state.device):
+                with frozen_backbone(model, state.device):
                     for position in tqdm(singles, desc=f"{domain.name} {method}", disable=not show):
                         score = adapt_images_and_score(model, images, episodes[position], method, hp)
                         local.append((position, score))
@@ -358,15 +297,3 @@ def evaluate(
         "hyperparameters": used_hyperparameters,
     }
     return EvaluationResult(results, averages, config, accuracies)
-
-
-def load_split(domain: Domain):
-    """The dataset split a domain names (a local folder in Hub layout or a Hub id)."""
-    import datasets
-
-    try:
-        return datasets.load_dataset(domain.path, split=domain.split)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise ValueError(f"Dataset {domain.path!r} has no split {domain.split!r}: {err}") from None
-        raise

@@ -8,9 +8,9 @@ architecture config and a fingerprint of its weights), the image processor confi
 and image column, and the autocast dtype. Entries are written atomically and carry a checksum, so an
 interrupted or damaged entry is recomputed (with a warning) instead of silently reused.
 
-The dataset's format or transform (`with_transform`, `set_format`) is ignored: images are read raw, because
-a transform does not change the dataset fingerprint and would make cached features stale. Use
-`dataset.map(...)`, which does change the fingerprint, to alter images before extraction.
+The dataset's format or transform (`with_transform`, `set_format`) is ignored: images are read raw (see
+`hf_copa.splits.RawImages`). Use `dataset.map(...)`, which does change the fingerprint, to alter images
+before extraction.
 
 Measured on 2 CPU cores (MNIST test split, full-size URL ResNet-18, 84x84 inputs): decoding and
 preprocessing run at ~1,200 images/s and the backbone at ~25, so images are prepared in the main process by
@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from .frozen import frozen_backbone, model_device
+from .splits import RawImages
+from .validation import CopaTypeError, check_int
 
 __all__ = [
     "CorruptFeatureCacheWarning",
@@ -60,6 +64,9 @@ _CONFIG_KEYS_WITHOUT_EFFECT = frozenset(
         "label2id",
         "problem_type",
         "dtype",  # the weights' dtypes are in the weight fingerprint
+        "domain_classifier_sizes",
+        "domain_classifier_domains",
+        "copa_head",
     }
 )
 _PROCESSOR_KEYS_WITHOUT_EFFECT = frozenset({"return_tensors"})
@@ -107,9 +114,8 @@ def extract_dataset_features(
     """
     _check_model(model)
     _check_dataset(dataset, image_column)
-    for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    check_int("batch_size", batch_size, 1)
+    check_int("num_workers", num_workers, 0)
     processor = _resolve_processor(model, image_processor)
     run_device = _resolve_device(model, device)
     autocast_dtype = _autocast_dtype(run_device)
@@ -184,20 +190,22 @@ def weights_fingerprint(model: torch.nn.Module, sample_size: int = WEIGHT_SAMPLE
 def _check_model(model: Any) -> None:
     if not callable(getattr(model, "extract_features", None)):
         hint = " (for a CopaForFewShotClassification, pass its `.copa`)" if hasattr(model, "copa") else ""
-        raise TypeError(
+        raise CopaTypeError(
             f"model must have an `extract_features(pixel_values, batch_size=...)` method, like CopaModel; "
             f"got a {type(model).__name__} without one{hint}."
         )
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (e.g. CopaModel), got a {type(model).__name__}.")
+        raise CopaTypeError(
+            f"model must be a torch.nn.Module (e.g. CopaModel), got a {type(model).__name__}."
+        )
 
 
 def _check_dataset(dataset: Any, image_column: str) -> None:
     if isinstance(dataset, datasets.DatasetDict):
         example = f", e.g. dataset[{next(iter(dataset))!r}]" if len(dataset) else ""
-        raise TypeError(f"Got a DatasetDict with splits {list(dataset)}; pass one split{example}.")
+        raise CopaTypeError(f"Got a DatasetDict with splits {list(dataset)}; pass one split{example}.")
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
+        raise CopaTypeError(
             "dataset must be a datasets.Dataset (one split with random access), "
             f"got a {type(dataset).__name__}."
         )
@@ -214,7 +222,7 @@ def _resolve_processor(model: torch.nn.Module, image_processor: Any) -> Any:
     if image_processor is not None:
         return image_processor
     if not callable(getattr(model, "default_image_processor", None)):
-        raise TypeError(
+        raise CopaTypeError(
             f"{type(model).__name__} has no default_image_processor(); pass image_processor=... explicitly."
         )
     return model.default_image_processor()
@@ -224,13 +232,8 @@ def _resolve_processor(model: torch.nn.Module, image_processor: Any) -> Any:
 # Extraction
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def _resolve_device(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
-    resolved = torch.device(device) if device is not None else _model_device(model)
+    resolved = torch.device(device) if device is not None else model_device(model)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
@@ -247,25 +250,21 @@ class _PixelBatches(torch.utils.data.Dataset):
     """Batch b of the dataset's images as pixel values; picklable, so DataLoader workers can run it."""
 
     def __init__(self, dataset: datasets.Dataset, processor: Any, image_column: str, batch_size: int) -> None:
-        # Raw rows of the image column only: transforms are ignored (see the module docstring) and the
-        # other columns are never decoded.
-        self.dataset = dataset.with_format(None).select_columns([image_column])
+        self.images = RawImages(dataset, image_column)  # the other columns are never decoded
         self.processor = processor
-        self.image_column = image_column
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-len(self.images) // self.batch_size)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         start = index * self.batch_size
-        stop = min(start + self.batch_size, len(self.dataset))
-        images = self.dataset[start:stop][self.image_column]
+        stop = min(start + self.batch_size, len(self.images))
         try:
-            pixel_values = self.processor(images, return_tensors="pt")["pixel_values"]
+            pixel_values = self.processor(self.images.span(start, stop), return_tensors="pt")["pixel_values"]
         except (TypeError, ValueError) as err:
             raise type(err)(
-                f"Could not preprocess rows {start}..{stop - 1} of column {self.image_column!r}: {err}"
+                f"Could not preprocess rows {start}..{stop - 1} of column {self.images.image_column!r}: {err}"
             ) from err
         # Channels-last (NHWC) inputs make the convolutions pick faster kernels: ~25% more images/s for
         # the ResNet-18 on CPU, with identical results; the model's own weights are left untouched.
@@ -297,7 +296,7 @@ def _extract(
     features: torch.Tensor | None = None
     start = 0
     bar = tqdm(total=len(dataset), unit="img", desc="Extracting features", disable=not progress)
-    with bar, frozen_on(model, device), torch.inference_mode(), autocast:
+    with bar, frozen_backbone(model, device), torch.inference_mode(), autocast:
         for pixel_values in loader:
             count = len(pixel_values)
             batch = model.extract_features(pixel_values.to(device, non_blocking=True), batch_size=count)
@@ -313,21 +312,6 @@ def _extract(
             start += count
             bar.update(count)
     return features
-
-
-@contextlib.contextmanager
-def frozen_on(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode on `device` for the duration; the training flag and original device are restored."""
-    was_training, original_device = model.training, _model_device(model)
-    model.eval()
-    if device != original_device:
-        model.to(device)
-    try:
-        yield
-    finally:
-        if device != original_device:
-            model.to(original_device)
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The adapted-head artifact: a task's head, its labels and its base model's pin, without the backbone.
+"""The adapted head: what adaptation learns for one task, and its artifact (save, load, push, card).
 
-Like a PEFT adapter, the artifact is small (a few MB for 512-d features) and names the backbone it was
-adapted on instead of holding it. A folder (or Hub repo) holds:
+`AdaptedHead` scores query features against the task's prototypes. Like a PEFT adapter, its artifact is
+small (a few MB for 512-d features) and names the backbone it was adapted on instead of holding it. A folder
+(or Hub repo) holds:
 
 - `head.safetensors`: `prototypes` [C, d], plus `image_projection` / `prototype_projection` [d, d] when the
   method learned them (stored once when they are equal, as URL's single head is), and for TSA methods the
@@ -20,17 +21,21 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from ._version import __version__
 from .configuration_copa import CopaConfig
-from .learners import AdaptedHead
+from .losses import cosine_scores
+from .validation import CopaTypeError, as_feature_matrix
 
 HEAD_WEIGHTS_NAME = "head.safetensors"
 CONFIG_NAME = "config.json"
@@ -44,6 +49,82 @@ ADAPTER_PREFIX = "adapters."
 ARTIFACT_FILES = (CONFIG_NAME, HEAD_WEIGHTS_NAME, PROCESSOR_NAME)
 CARD_TEMPLATE = Path(__file__).parent / "assets" / "model_cards" / "adapted_head.md"
 _JSON_LABEL_TYPES = (str, int, float, bool, type(None))
+
+
+class AdaptedHead(nn.Module):
+    """What adaptation learns for one task: logits = scale * cos(q A^T, P B^T).
+
+    `prototypes` are the class means of the support features; `image_projection`
+    (A) and `prototype_projection` (B) are d x d maps, None meaning identity
+    (NCC). URL's single head is A = B; CoPA learns both.
+
+    `adapters` (TSA, CoPA+TSA) are residual adapters inside the backbone, by
+    convolution name (see `hf_copa.adapters`): the prototypes and the query
+    features are then those of the backbone run with them,
+    `backbone.extract_features(images, adapters=head.adapters)`.
+    """
+
+    def __init__(
+        self,
+        prototypes: torch.Tensor,
+        image_projection: torch.Tensor | None = None,
+        prototype_projection: torch.Tensor | None = None,
+        scale: float = 10.0,
+        method: str = "ncc",
+        hyperparameters: dict[str, Any] | None = None,
+        train_losses: Sequence[float] = (),
+        adapters: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("prototypes", prototypes.detach().clone())
+        self.register_buffer("image_projection", _detached(image_projection))
+        self.register_buffer("prototype_projection", _detached(prototype_projection))
+        # Not buffers: their names hold dots. `_apply` moves them with the module.
+        self.adapters = {name: alpha.detach().clone() for name, alpha in (adapters or {}).items()}
+        self.scale = float(scale)
+        self.method = method
+        self.hyperparameters = dict(hyperparameters or {})
+        self.train_losses = [float(x) for x in train_losses]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AdaptedHead:
+        super()._apply(fn, recurse)
+        self.adapters = {name: fn(alpha) for name, alpha in self.adapters.items()}
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.prototypes.shape[1]
+
+    def project_images(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.image_projection is None else features @ self.image_projection.T
+
+    def projected_prototypes(self) -> torch.Tensor:
+        protos = self.prototypes
+        return protos if self.prototype_projection is None else protos @ self.prototype_projection.T
+
+    @torch.no_grad()
+    def logits(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """[Nq, d] query features -> [Nq, C] logits."""
+        query = as_feature_matrix(query_features, "query_features", self.feature_dim).to(self.prototypes)
+        scores = cosine_scores(
+            self.project_images(query).unsqueeze(0), self.projected_prototypes().unsqueeze(0), self.scale
+        )
+        return scores[0]
+
+    def forward(self, query_features: torch.Tensor) -> torch.Tensor:
+        return self.logits(query_features)
+
+    def extra_repr(self) -> str:
+        adapters = f", adapters={len(self.adapters)}" if self.adapters else ""
+        return f"method={self.method!r}, classes={self.num_classes}, dim={self.feature_dim}{adapters}"
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
 
 
 @dataclass
@@ -87,7 +168,7 @@ def check_json_labels(labels: Sequence[Hashable]) -> list[Hashable]:
     """The labels as a list if each is a str, int, finite float, bool or None (JSON keeps these types)."""
     for index, label in enumerate(labels):
         if type(label) not in _JSON_LABEL_TYPES:
-            raise TypeError(
+            raise CopaTypeError(
                 f"Label {label!r} (class {index}) is a {type(label).__name__}; a saved head keeps only "
                 "str, int, float, bool or None labels. Relabel the support set with such values "
                 "(e.g. str(label)) and adapt again."
@@ -134,8 +215,6 @@ def head_metadata(
     base_model: BaseModelReference,
     tied_projections: bool,
 ) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "format_version": FORMAT_VERSION if head.adapters else 1,
         "weights": HEAD_WEIGHTS_NAME,
@@ -181,7 +260,7 @@ def write_artifact(
     config.architectures = ["CopaForFewShotClassification"]
     config.id2label = {i: str(label) for i, label in enumerate(labels)}
     config.label2id = {str(label): i for i, label in enumerate(labels)}
-    setattr(config, HEAD_CONFIG_KEY, metadata)
+    config.copa_head = metadata
     config._name_or_path = ""
     config.to_json_file(folder / CONFIG_NAME)
     image_processor.to_json_file(folder / PROCESSOR_NAME)
@@ -239,11 +318,11 @@ def _as_eval_result(result: Any):
         try:
             return EvalResult(**{"task_type": "image-classification", **result})
         except TypeError as err:
-            raise TypeError(
+            raise CopaTypeError(
                 f"eval_results entries must be huggingface_hub.EvalResult or dicts of its fields "
                 f"(dataset_type, dataset_name, metric_type, metric_value, ...): {err}"
             ) from None
-    raise TypeError(f"eval_results entries must be EvalResult or dict, got {type(result).__name__}.")
+    raise CopaTypeError(f"eval_results entries must be EvalResult or dict, got {type(result).__name__}.")
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -394,6 +473,7 @@ def push_artifact(
 
 __all__ = [
     "ARTIFACT_FILES",
+    "AdaptedHead",
     "HEAD_CONFIG_KEY",
     "HEAD_WEIGHTS_NAME",
     "BaseModelReference",

@@ -34,6 +34,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling
 
 from .configuration_copa import CopaConfig
+from .validation import CopaTypeError
 
 ACCEPTED_INPUTS = (
     "a PIL image (any mode), a numpy array or torch tensor shaped HW, HWC or CHW with 1, 3 or 4 channels "
@@ -68,7 +69,7 @@ class CopaImageProcessor(PilBackend):
     def from_copa_config(cls, config: CopaConfig, **kwargs: Any) -> CopaImageProcessor:
         """The processor matching `config`'s input contract (a square `config.image_size` input)."""
         if not isinstance(config, CopaConfig):
-            raise TypeError(f"from_copa_config expects a CopaConfig, got {type(config).__name__}.")
+            raise CopaTypeError(f"from_copa_config expects a CopaConfig, got {type(config).__name__}.")
         kwargs.setdefault("size", {"height": config.image_size, "width": config.image_size})
         return cls(**kwargs)
 
@@ -118,10 +119,10 @@ def to_rgb_image(image: Any, name: str = "image") -> PIL.Image.Image:
     if isinstance(image, str | os.PathLike):
         return _open_image_file(Path(image), name)
     if isinstance(image, list | tuple):
-        raise TypeError(
+        raise CopaTypeError(
             f"{name} is a {type(image).__name__}; nested lists are not accepted, pass a flat list."
         )
-    raise TypeError(
+    raise CopaTypeError(
         f"{name} is a {type(image).__name__}, which is not an image. Accepted: {ACCEPTED_INPUTS}."
     )
 
@@ -225,7 +226,7 @@ def _to_0_255(array: np.ndarray, name: str) -> np.ndarray:
                 "divide 0..255 data by 255, or pass uint8."
             )
         return np.clip(values, 0.0, 1.0) * 255.0
-    raise TypeError(
+    raise CopaTypeError(
         f"{name}: arrays of dtype {array.dtype} are not images; use uint8, uint16, bool or float."
     )
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,24 +27,20 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .adaptation import adapt_to_task
 from .folders import load_class_folders, sample_task_dir
+from .heads import AdaptedHead
 from .image_processing_copa import to_rgb_image
-from .learners import AdaptedHead
+from .learners.registry import method_descriptions
 from .losses import NORM_EPS, class_means, one_hot_labels
+from .modeling_copa import CopaForFewShotClassification
+from .validation import CopaError, class_order
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .modeling_copa import CopaForFewShotClassification, CopaModel
+    from .modeling_copa import CopaModel
 
-# The methods a user can pick, default first, with what each one learns (shown next to the choice).
-METHODS: dict[str, str] = {
-    "copa": "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)",
-    "url": "learns one map for both (nearest-centroid loss)",
-    "ncc": "learns nothing (cosine to the class means)",
-    "tsa": "also adapts the backbone, with residual adapters in every stage, plus one map (slower)",
-    "copa+tsa": "adds residual adapters in the backbone's middle stages to CoPA's two maps (slower)",
-}
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 # Colour-blind-safe palette (Okabe-Ito, then Tableau), one colour per class in the plot and the result cards.
 CLASS_COLOURS = (
@@ -335,27 +330,43 @@ class TaskResult:
         }
 
 
+def methods() -> dict[str, str]:
+    """The methods a user can pick, default first, with what each one learns (from the learner registry)."""
+    return method_descriptions()
+
+
 def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparameters: Any) -> TaskResult:
     """Adapt `model` to the task with `method` (hyperparameters default to the model's config) and classify
-    the queries. `adaptation_seconds` covers what a user waits for: support features plus fitting the head."""
-    if method not in METHODS:
-        raise TaskError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    started = time.perf_counter()
-    classifier = model.adapt(task.support_images, task.support_labels, method=method, **hyperparameters)
-    seconds = time.perf_counter() - started
-    head = classifier.head
-    support_features = model.extract_features(task.support_images)
-    query_features = model.extract_features(task.query_images)
-    adapted_support = adapted_queries = None
-    if head.adapters:  # the adapted backbone's features, which the head scores
-        adapted_support = model.extract_features(task.support_images, adapters=head.adapters)
-        adapted_queries = model.extract_features(task.query_images, adapters=head.adapters)
-    scored = query_features if adapted_queries is None else adapted_queries
-    probabilities = torch.softmax(head.logits(scored), dim=-1).double().numpy()
-    index = {label: i for i, label in enumerate(classifier.labels)}
+    the queries. `adaptation_seconds` covers what a user waits for: support features plus fitting the head.
+
+    Each image goes through the backbone once, or twice for methods that adapt the backbone (TSA): once
+    plain for the "before" view, once adapted for the logits and the "after" view.
+    """
+    if method not in methods():
+        raise TaskError(f"Unknown method {method!r}; choose one of {', '.join(methods())}.")
+    class_names = class_order(task.support_labels)
+    index = {label: i for i, label in enumerate(class_names)}
     labels = torch.tensor([index[label] for label in task.support_labels])
-    before, after = embedding_views(
-        head, support_features, query_features, labels, adapted_support, adapted_queries
+    adapted = adapt_to_task(
+        model,
+        labels,
+        method,
+        support_images=task.support_images,
+        query_images=task.query_images,
+        **hyperparameters,
+    )
+    head = adapted.head
+    probabilities = torch.softmax(adapted.query_logits(), dim=-1).double().numpy()
+    if head.adapters:  # the plain backbone's features, for the view before adaptation
+        support_features = model.extract_features(task.support_images)
+        query_features = model.extract_features(task.query_images)
+        before, after = embedding_views(
+            head, support_features, query_features, labels, adapted.support_features, adapted.query_features
+        )
+    else:
+        before, after = embedding_views(head, adapted.support_features, adapted.query_features, labels)
+    classifier = CopaForFewShotClassification.from_adapted(
+        model, head, class_names, support_labels=list(task.support_labels)
     )
     return TaskResult(
         method=method,
@@ -364,7 +375,7 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
         query_names=list(task.query_names),
         query_images=list(task.query_images),
         probabilities=probabilities,
-        adaptation_seconds=seconds,
+        adaptation_seconds=adapted.seconds,
         support_labels=list(task.support_labels),
         support_images=list(task.support_images),
         before=before,
@@ -583,7 +594,7 @@ def push_classifier(classifier: CopaForFewShotClassification, repo_id: str | Non
             status, f"the Hub answered {status}" if status else "the Hub could not be reached"
         )
         raise TaskError(f"Could not push to {repo_id!r}: {reason}.") from None
-    except (ValueError, TypeError, OSError) as err:
+    except (CopaError, ValueError, OSError) as err:
         raise TaskError(f"Could not push to {repo_id!r}: {err}") from None
     return commit.commit_url
 

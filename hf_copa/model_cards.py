@@ -9,7 +9,7 @@ from typing import Any
 
 from .configuration_copa import CopaConfig
 from .modeling_copa import CopaModel
-from .training import TRAINING_LOG_FILE
+from .training.checkpoints import TRAINING_LOG_FILE
 
 CARD_TEMPLATE = Path(__file__).parent / "assets" / "model_cards" / "trained_backbone.md"
 

@@ -21,10 +21,13 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 from . import heads
+from .adaptation import adapt_to_task
 from .adapters import adapted_conv, check_adapters
 from .bundled import bundled_model_path
 from .configuration_copa import CopaConfig
-from .learners import AdaptedHead, get_learner
+from .frozen import frozen_backbone
+from .heads import AdaptedHead
+from .validation import CopaTypeError, CopaValueError, class_order
 
 FEATURE_BATCH_SIZE = 64
 
@@ -195,16 +198,14 @@ class CopaModel(CopaPreTrainedModel):
     ) -> torch.Tensor:
         """Pooled features [N, feature_dim] of images (PIL / arrays / paths, or pixel_values [N, 3, H, W]).
 
-        BatchNorm always runs in eval mode here: the backbone is frozen. (no_grad
-        rather than inference_mode: learners that optimise on these features need
-        ordinary tensors.) `adapters` give the features of a task-adapted backbone (TSA heads).
+        BatchNorm always runs in eval mode here: the backbone is frozen (see `hf_copa.frozen`). (no_grad
+        rather than inference_mode: learners that optimise on these features need ordinary tensors.)
+        `adapters` give the features of a task-adapted backbone (TSA heads).
         """
-        pixel_values = self._to_pixel_values(images, image_processor)
+        pixel_values = self.to_pixel_values(images, image_processor)
         if adapters:
             adapters = {name: alpha.to(self.device, self.dtype) for name, alpha in adapters.items()}
-        was_training = self.training
-        self.eval()
-        try:
+        with frozen_backbone(self):
             chunks = [
                 self(
                     pixel_values[start : start + batch_size].to(
@@ -214,14 +215,14 @@ class CopaModel(CopaPreTrainedModel):
                 ).pooler_output
                 for start in range(0, len(pixel_values), batch_size)
             ]
-        finally:
-            self.train(was_training)
         return torch.cat(chunks).float()
 
-    def _to_pixel_values(self, images: Any, image_processor: Any) -> torch.Tensor:
+    def to_pixel_values(self, images: Any, image_processor: Any = None) -> torch.Tensor:
+        """Pixel values [N, 3, H, W] of images, through `image_processor` (default: this model's own);
+        a float [N, 3, H, W] tensor is taken as pixel values already."""
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
             if images.shape[1] != self.config.num_channels:
-                raise ValueError(
+                raise CopaValueError(
                     f"pixel_values must be [N, {self.config.num_channels}, H, W], got {tuple(images.shape)}."
                 )
             pixel_values = images
@@ -229,7 +230,7 @@ class CopaModel(CopaPreTrainedModel):
             processor = image_processor or self.default_image_processor()
             pixel_values = processor(images, return_tensors="pt")["pixel_values"]
         if len(pixel_values) == 0:
-            raise ValueError("No images given: pass at least one image.")
+            raise CopaValueError("No images given: pass at least one image.")
         return pixel_values
 
     def adapt(
@@ -251,26 +252,19 @@ class CopaModel(CopaPreTrainedModel):
         labels = (
             list(support_labels) if not isinstance(support_labels, torch.Tensor) else support_labels.tolist()
         )
-        class_names = ordered_classes(labels)
-        learner = get_learner(
-            method, preset, config_overrides=self.config.adaptation.get(method), **hyperparameters
-        )
-        if learner.needs_backbone:  # TSA learners adapt the backbone itself: they take the images
-            inputs = self._to_pixel_values(support_images, image_processor)
-        else:
-            inputs = self.extract_features(support_images, image_processor)
-        if len(inputs) != len(labels):
-            raise ValueError(
-                f"Got {len(inputs)} support images but {len(labels)} labels; give one label per image."
-            )
+        class_names = class_order(labels)
         index = {name: i for i, name in enumerate(class_names)}
-        label_indices = torch.tensor([index[label] for label in labels])
-        if learner.needs_backbone:
-            head = learner.fit_images(self, inputs, label_indices)
-        else:
-            head = learner.fit(inputs, label_indices)
+        adapted = adapt_to_task(
+            self,
+            torch.tensor([index[label] for label in labels]),
+            method,
+            support_images=support_images,
+            preset=preset,
+            image_processor=image_processor,
+            **hyperparameters,
+        )
         return CopaForFewShotClassification.from_adapted(
-            self, head, class_names, image_processor, support_labels=labels
+            self, adapted.head, class_names, image_processor, support_labels=labels
         )
 
 
@@ -283,27 +277,6 @@ def _resolved_commit(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | 
     hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder") if k in kwargs}
     resolved = cached_file(str(name_or_path), "config.json", local_files_only=True, **hub_kwargs)
     return extract_commit_hash(resolved, None)
-
-
-def ordered_classes(labels: Sequence[Hashable]) -> list[Hashable]:
-    """The distinct labels, sorted when comparable, else in order of first appearance."""
-    if len(labels) == 0:
-        raise ValueError("The support set is empty: give at least one image per class.")
-    try:
-        hash_check = {label: None for label in labels}
-    except TypeError as err:
-        raise TypeError(f"Support labels must be hashable (str, int, ...): {err}") from None
-    distinct = list(hash_check)
-    try:
-        if len({type(label) for label in distinct}) == 1:
-            distinct = sorted(distinct)
-    except TypeError:
-        pass
-    if len(distinct) < 2:
-        raise ValueError(
-            f"The support set has a single class ({distinct[0]!r}); few-shot classification needs at least 2."
-        )
-    return distinct
 
 
 class CopaForFewShotClassification(CopaPreTrainedModel):
@@ -386,7 +359,7 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
         random backbone; `base_model_id` / `base_model_revision` override that.
         """
         if kwargs:
-            raise TypeError(
+            raise CopaTypeError(
                 f"CopaForFewShotClassification.save_pretrained takes no {sorted(kwargs)}: it saves only the "
                 "head; save the backbone with classifier.copa.save_pretrained."
             )
@@ -452,7 +425,7 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
         there. `revision` and the other hub arguments apply to the head's repo.
         """
         if model_args:
-            raise TypeError(
+            raise CopaTypeError(
                 "CopaForFewShotClassification.from_pretrained takes no positional model arguments."
             )
         for internal in _LOADER_INTERNAL_KWARGS:  # set by transformers' Auto classes and pipeline
@@ -465,9 +438,11 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
         if base_model is None:
             base_model = _fetch_base_model(artifact, token=token, **hub, **kwargs)
         elif not isinstance(base_model, CopaModel):
-            raise TypeError(f"base_model must be a CopaModel, got {type(base_model).__name__}.")
+            raise CopaTypeError(f"base_model must be a CopaModel, got {type(base_model).__name__}.")
         elif any(value not in (None, "auto") for value in kwargs.values()):
-            raise TypeError(f"{sorted(kwargs)} only apply when the base model is fetched (base_model=None).")
+            raise CopaTypeError(
+                f"{sorted(kwargs)} only apply when the base model is fetched (base_model=None)."
+            )
         if base_model.feature_dim != artifact.head.feature_dim:
             raise ValueError(
                 f"The head was adapted on {artifact.head.feature_dim}-d features but the base model gives "

@@ -24,9 +24,7 @@ def random_backbone(like: CopaModel | CopaConfig, seed: int = RANDOM_INIT_SEED) 
     config = like.config if isinstance(like, CopaModel) else like
     config = CopaConfig.from_dict(config.to_dict())
     config._name_or_path = ""
-    for name in ("domain_classifier_sizes", "domain_classifier_domains"):
-        if hasattr(config, name):
-            delattr(config, name)
+    config.domain_classifier_sizes = config.domain_classifier_domains = None  # it has no classifiers
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _official_style import official_style_copa
 
 from hf_copa.learners import get_learner
+from tests.support.official import official_copa
 
 FEATURE_DIM = 512
 BASELINE = "copa (official-style)"
@@ -167,7 +167,7 @@ def benchmark_episode(method: str, episode: Episode, repeats: int) -> Row:
         hp = get_learner("copa", preset=REFERENCES["copa"][0]).hyperparameters
 
         def run() -> torch.Tensor:
-            logits, _ = official_style_copa(
+            logits, _ = official_copa(
                 episode.support,
                 episode.support_labels,
                 episode.query,
@@ -176,7 +176,6 @@ def benchmark_episode(method: str, episode: Episode, repeats: int) -> Row:
                 weight_decay=hp["weight_decay"],
                 tau=hp["tau"],
                 steps=hp["steps"],
-                scale=hp["scale"],
             )
             return logits
 

@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
 
+    from hf_copa.batching import episode_chunks
     from hf_copa.episodes import make_sampler
-    from hf_copa.evaluation import adapt_and_score, adapt_one_by_one, episode_chunks
+    from hf_copa.evaluation import adapt_and_score, adapt_one_by_one
     from hf_copa.features import extract_dataset_features
     from hf_copa.learners import get_learner
     from hf_copa.pretrained import load_model

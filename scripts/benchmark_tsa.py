@@ -32,15 +32,12 @@ QUERIES_PER_CLASS = 15
 def load(model_name: str, reference_dir: Path):
     """'url-resnet18': URL's ResNet-18 (84x84, 512-d) with the reference checkpoint's weights; 'default':
     the bundled backbone; anything else: a folder or Hub id."""
-    from hf_copa import CopaConfig, CopaModel
-    from hf_copa.conversion import load_url_checkpoint
+    from hf_copa.conversion import load_url_backbone
     from hf_copa.pretrained import load_model
 
     if model_name != "url-resnet18":
         return load_model(None if model_name == "default" else model_name)
-    model = CopaModel(CopaConfig()).eval()
-    model.load_state_dict(load_url_checkpoint(reference_dir / "url_checkpoint.pth.tar.xz").backbone)
-    return model
+    return load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz")
 
 
 def rss_mib() -> float:

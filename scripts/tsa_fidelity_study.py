@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_copa import CopaConfig, CopaModel, get_learner
-from hf_copa.conversion import load_url_checkpoint
+from hf_copa import CopaModel, get_learner
+from hf_copa.conversion import load_url_backbone
 from tests.support.official import official_copa_tsa, official_tsa
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -41,9 +41,7 @@ CASES = {  # (method, reference name) -> (preset, official hyperparameters)
 
 def load_backbone(reference_dir: Path) -> CopaModel:
     """The reference checkpoint's backbone with the stem padding the TSA references used (1)."""
-    model = CopaModel(CopaConfig(stem_padding=1)).eval()
-    model.load_state_dict(load_url_checkpoint(reference_dir / "url_checkpoint.pth.tar.xz").backbone)
-    return model
+    return load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz", stem_padding=1)
 
 
 def pixels(uint8: np.ndarray, how: str) -> torch.Tensor:

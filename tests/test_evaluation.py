@@ -14,25 +14,21 @@ import pytest
 import torch
 
 import hf_copa
+from hf_copa.batching import MAX_EPISODES_PER_CHUNK, MAX_SUPPORT_ROWS_PER_CHUNK, episode_chunks, pad_episodes
 from hf_copa.cli import main
 from hf_copa.episodes import Episode, make_sampler
 from hf_copa.evaluation import (
-    MAX_EPISODES_PER_CHUNK,
-    MAX_SUPPORT_ROWS_PER_CHUNK,
     Domain,
     adapt_and_score,
     adapt_one_by_one,
     confidence_interval,
-    episode_chunks,
     evaluate,
-    pad_episodes,
     parse_override,
 )
 from hf_copa.learners import get_learner
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, tiny_backbone
 
-TINY = dict(embedding_size=8, hidden_sizes=[8, 8, 16, 16], image_size=32)
 SHARED_DOMAINS = {
     "omniglot": "seen",
     "tiny_imagenet": "seen",
@@ -129,7 +125,7 @@ def small_split(path, num_classes=12, per_class=12):
 
 def test_evaluate_end_to_end_on_every_shared_dataset(datasets_dir, tmp_path):
     torch.manual_seed(0)
-    model = hf_copa.CopaModel(hf_copa.CopaConfig(**TINY)).eval()
+    model = tiny_backbone()
     domains = [Domain(name, str(datasets_dir / name), role=role) for name, role in SHARED_DOMAINS.items()]
     domains[2].overrides = {"copa": {"preset": "high-lr"}}
     result = evaluate(
@@ -162,7 +158,7 @@ def test_evaluate_end_to_end_on_every_shared_dataset(datasets_dir, tmp_path):
 def tiny_model_and_dataset(tmp_path_factory, datasets_dir):
     root = tmp_path_factory.mktemp("evaluation")
     torch.manual_seed(0)
-    hf_copa.CopaModel(hf_copa.CopaConfig(**TINY)).save_pretrained(root / "model")
+    tiny_backbone().save_pretrained(root / "model")
     data_dir = root / "quickdraw_small" / "data"
     data_dir.mkdir(parents=True)
     small_split(datasets_dir / "quickdraw", num_classes=6, per_class=15).to_parquet(

@@ -22,21 +22,11 @@ from hf_copa.features import (
     weights_fingerprint,
 )
 
+from .conftest import TINY_CONFIG, tiny_backbone
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY_CONFIG = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
 NUM_IMAGES = 20
-
-
-def tiny_model(seed: int = 0) -> CopaModel:
-    torch.manual_seed(seed)
-    model = CopaModel(CopaConfig(**TINY_CONFIG))
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so train-mode BatchNorm would show
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def make_images(count: int, seed: int = 0) -> list[PIL.Image.Image]:
@@ -60,7 +50,7 @@ def make_dataset(images: list[PIL.Image.Image]) -> datasets.Dataset:
 
 @pytest.fixture
 def model() -> CopaModel:
-    return tiny_model()
+    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +160,7 @@ def test_cache_hit_skips_the_backbone(model, dataset, tmp_path):
     assert counter.calls == 3, "a cache hit must not run the backbone"
     assert torch.equal(first, second)
     # An equal model built separately (same weights) shares the entry.
-    twin = tiny_model()
+    twin = tiny_backbone()
     twin_counter = ForwardCounter(twin)
     assert torch.equal(extract(twin, dataset, cache_dir=tmp_path), first)
     assert twin_counter.calls == 0
@@ -248,11 +238,11 @@ def test_cache_miss_for_a_subset_and_another_column(model, dataset, tmp_path):
 
 
 def test_weights_fingerprint():
-    assert weights_fingerprint(tiny_model(seed=0)) == weights_fingerprint(tiny_model(seed=0))
-    assert weights_fingerprint(tiny_model(seed=0)) != weights_fingerprint(tiny_model(seed=1))
-    assert weights_fingerprint(tiny_model()) != weights_fingerprint(tiny_model().double())
+    assert weights_fingerprint(tiny_backbone(seed=0)) == weights_fingerprint(tiny_backbone(seed=0))
+    assert weights_fingerprint(tiny_backbone(seed=0)) != weights_fingerprint(tiny_backbone(seed=1))
+    assert weights_fingerprint(tiny_backbone()) != weights_fingerprint(tiny_backbone().double())
     wider = CopaModel(CopaConfig(**{**TINY_CONFIG, "hidden_sizes": [8, 8, 16, 24]}))
-    assert weights_fingerprint(wider) != weights_fingerprint(tiny_model())
+    assert weights_fingerprint(wider) != weights_fingerprint(tiny_backbone())
 
 
 def _truncate(path: Path) -> None:

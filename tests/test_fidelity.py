@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import lzma
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hf_copa
+from hf_copa.conversion import load_url_backbone
+from tests.support.official import official_url
 
 EPISODES = range(6)
 COPA_SETTINGS = {"default": None, "highlr": "high-lr"}
@@ -61,40 +59,16 @@ def test_url_matches_official(url_reference, i, setting):
     np.testing.assert_allclose(head.logits(query).numpy(), ref_logits, rtol=0, atol=1e-3)
 
 
-def official_url_float64(support, labels, query, lr, steps=40):
-    """URL's `pa` as the reference README describes it, written plainly, in float64."""
-    support, query = support.double(), query.double()
-    num_classes = int(labels.max()) + 1
-    theta = torch.eye(support.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adadelta([theta], lr=lr)
-
-    def logits_of(features, transformed_support):
-        prototypes = torch.stack([transformed_support[labels == c].mean(0) for c in range(num_classes)])
-        return 10 * F.cosine_similarity(features.unsqueeze(1), prototypes.unsqueeze(0), dim=-1, eps=1e-30)
-
-    for _ in range(steps):
-        optimizer.zero_grad()
-        transformed = support @ theta.T
-        F.cross_entropy(logits_of(transformed, transformed), labels).backward()
-        optimizer.step()
-    with torch.no_grad():
-        return logits_of(query @ theta.T, support @ theta.T)
-
-
 @pytest.mark.parametrize("i", [4, 5])
 def test_url_chaotic_cases_match_float64_official(url_reference, i):
     support, labels, query = episode(url_reference, i)
-    expected = official_url_float64(support, labels, query, lr=1.0)
+    expected = official_url(support.double(), labels, query.double(), lr=1.0)
     head = hf_copa.adapt(support.double(), labels, method="url", preset="unseen")
     np.testing.assert_allclose(head.logits(query.double()).numpy(), expected.numpy(), rtol=0, atol=1e-3)
 
 
 def test_backbone_matches_official_embeddings(reference_dir):
-    with lzma.open(reference_dir / "url_checkpoint.pth.tar.xz") as handle:
-        checkpoint = torch.load(io.BytesIO(handle.read()), weights_only=True)
-    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("cls_fn.")}
-    model = hf_copa.CopaModel(hf_copa.CopaConfig()).eval()
-    model.load_state_dict(state, strict=True)
+    model = load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz", stem_padding=2)
     reference = np.load(reference_dir / "url_backbone_embeddings.npz")
     processor = model.default_image_processor()
     pixel_values = processor(list(reference["images_uint8"]))["pixel_values"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from hf_copa import CopaConfig, CopaModel, get_learner
-from hf_copa.conversion import load_url_checkpoint
+from hf_copa.conversion import load_url_backbone
 from tests.support.official import official_copa_tsa, official_tsa
 
 EPISODES = (0, 1)
@@ -40,9 +40,7 @@ COPA_TSA_DEFAULT_BOUND = 0.025
 def reference_backbone(reference_dir) -> CopaModel:
     """The reference checkpoint's backbone as the TSA references used it: the stem has padding 1 there
     (URL's models/resnet18.py), not the 2 of the embedding reference (models/resnet18_mdl.py)."""
-    model = CopaModel(CopaConfig(stem_padding=1)).eval()
-    model.load_state_dict(load_url_checkpoint(reference_dir / "url_checkpoint.pth.tar.xz").backbone)
-    return model
+    return load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz", stem_padding=1)
 
 
 @pytest.fixture(scope="module")

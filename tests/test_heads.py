@@ -17,12 +17,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_copa import CopaConfig, CopaForFewShotClassification, CopaModel
+from hf_copa import CopaForFewShotClassification, CopaModel
 from hf_copa.adapters import adapter_shapes
 from hf_copa.heads import HEAD_WEIGHTS_NAME
 from tests.support.local_hub import LocalHub, local_hub_env
 
-TINY = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
+from .conftest import tiny_backbone
+
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 40), (200, 40, 200)]
 FAST = {"ncc": {}, "url": {"steps": 2}, "copa": {"steps": 2}, "tsa": {"steps": 2}, "copa+tsa": {"steps": 2}}
 ARTIFACT = {"config.json", HEAD_WEIGHTS_NAME, "preprocessor_config.json", "README.md"}
@@ -37,11 +38,6 @@ def images(colours, seed=0) -> list[Image.Image]:
         noise = rng.integers(-25, 25, (32, 32, 3))
         out.append(Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)))
     return out
-
-
-def tiny_backbone(seed=0, **overrides) -> CopaModel:
-    torch.manual_seed(seed)
-    return CopaModel(CopaConfig(**{**TINY, **overrides})).eval()
 
 
 def support(labels, colours=COLOURS):

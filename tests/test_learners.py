@@ -17,7 +17,7 @@ from hf_copa import (
     get_learner,
     register_learner,
 )
-from hf_copa.learners import base as learner_registry
+from hf_copa.learners import registry as learner_registry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from hf_copa.losses import (
     symmetric_contrastive_loss,
     symmetric_contrastive_loss_and_grads,
 )
+from tests.support.official import symmetric_ce
 
 
 def padded_batch(seed=0, dim=16):
@@ -27,16 +26,6 @@ def padded_batch(seed=0, dim=16):
     return features, labels, 3
 
 
-def official_symmetric_loss(image_embeddings, prototypes, labels, tau):
-    """CoPA's symmetric_CE as the reference README describes it: N x N logits, one episode."""
-    z_i = image_embeddings / image_embeddings.norm(dim=1, keepdim=True)
-    z_p = prototypes / prototypes.norm(dim=1, keepdim=True)
-    expanded = F.one_hot(labels, z_p.shape[0]).to(z_p) @ z_p
-    logits = math.exp(tau) * z_i @ expanded.T
-    targets = torch.arange(len(labels))
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-
-
 @pytest.mark.parametrize("tau", [2.0, 0.5])
 def test_symmetric_loss_equals_official_n_by_n_form(tau):
     features, labels, num_classes = padded_batch()
@@ -46,7 +35,7 @@ def test_symmetric_loss_equals_official_n_by_n_form(tau):
     for b in range(2):
         valid = labels[b] >= 0
         used = int(labels[b][valid].max()) + 1
-        expected = official_symmetric_loss(features[b][valid], protos[b][:used], labels[b][valid], tau)
+        expected = symmetric_ce(features[b][valid], protos[b][:used], labels[b][valid], tau)
         assert ours[b].item() == pytest.approx(expected.item(), rel=1e-12)
 
 

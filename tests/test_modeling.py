@@ -11,28 +11,16 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 import hf_copa
 from hf_copa import CopaConfig, CopaForFewShotClassification, CopaImageProcessor, CopaModel
 
+from .conftest import TINY_CONFIG, tiny_backbone
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
 HEAD_BUFFERS = {"prototypes", "image_projection", "prototype_projection"}
 
 
-def tiny_model(seed: int = 0, **overrides) -> CopaModel:
-    """A tiny randomly initialised backbone with non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = CopaModel(CopaConfig(**{**TINY, **overrides}))
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> CopaModel:
-    return tiny_model()
+def model(tiny_model) -> CopaModel:
+    return tiny_model
 
 
 def coloured_image(colour: tuple[int, int, int], seed: int, side: int = 16) -> PIL.Image.Image:
@@ -127,7 +115,7 @@ def test_auto_classes_resolve_copa_without_remote_code(model, tmp_path):
 
 
 def test_extract_features_keeps_the_training_flag_and_uses_eval_batch_norm():
-    model = tiny_model(seed=3)
+    model = tiny_backbone(seed=3)
     images = support_set([RED, BLUE, GREEN])
     in_eval = model.eval().extract_features(images)
     state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -237,7 +225,7 @@ def test_adapt_accepts_pixel_values(model):
 
 
 def test_adapt_uses_the_configs_adaptation_defaults():
-    model = tiny_model(adaptation={"copa": {"steps": 2, "lr": 0.01}})
+    model = tiny_backbone(adaptation={"copa": {"steps": 2, "lr": 0.01}})
     classifier = model.adapt(support_set([RED, BLUE, RED, BLUE]), [0, 1, 0, 1])
     assert classifier.head.hyperparameters["steps"] == 2
     assert classifier.head.hyperparameters["lr"] == 0.01
@@ -322,7 +310,7 @@ def test_pixel_values_with_the_wrong_channel_count_are_rejected(model):
 
 
 def test_a_classifier_without_head_says_how_to_build_one():
-    classifier = CopaForFewShotClassification(CopaConfig(**TINY))
+    classifier = CopaForFewShotClassification(CopaConfig(**TINY_CONFIG))
     with pytest.raises(ValueError, match="CopaModel.adapt"):
         classifier.logits([coloured_image(RED, 0)])
 

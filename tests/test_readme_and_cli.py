@@ -58,3 +58,22 @@ def test_an_option_a_method_does_not_take_is_a_clean_error(capsys):
     assert main(["demo", "--method", "tsa", "--weight-decay", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "hf-copa: error:" in err and "weight_decay" in err and "Traceback" not in err
+
+
+def test_only_user_errors_become_a_clean_exit_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    import hf_copa.cli as cli
+    from hf_copa.validation import CopaTypeError
+
+    def user_mistake(*args, **kwargs):
+        raise CopaTypeError("labels must be hashable")
+
+    monkeypatch.setattr(cli, "_classify", user_mistake)
+    assert main(["demo"]) == 2
+    assert "hf-copa: error: labels must be hashable" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand type(s)")
+
+    monkeypatch.setattr(cli, "_classify", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["demo"])

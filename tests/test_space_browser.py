@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO_ROOT
-from .test_space_app import CLASSES, real_task, require_module, space, unavailable  # noqa: F401
+from .conftest import REPO_ROOT, unavailable
+from .test_space_app import CLASSES, real_task, require_module, space  # noqa: F401
 
 SCREENSHOT = Path(os.environ.get("SPACE_SCREENSHOT") or REPO_ROOT / "outputs" / "space_screenshot.png")
 WAIT_MS = 120_000  # only bounds a hung page; a healthy run takes seconds

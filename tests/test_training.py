@@ -15,6 +15,7 @@ import torch
 
 from hf_copa import CopaModel
 from hf_copa.cli import main
+from hf_copa.model_cards import write_trained_model_card
 from hf_copa.training import (
     CHECKPOINTS_DIR,
     TrainingConfig,
@@ -147,7 +148,8 @@ def test_training_writes_a_loadable_model_with_classifiers_log_and_card(tmp_path
     first, last = log["history"]
     assert last["train_loss"] < first["train_loss"]  # it learns
     assert 0 <= last["val_ncc/mean"] <= 100
-    card = (folder / "README.md").read_text()
+    assert not (folder / "README.md").exists()  # the caller writes the card (hf-copa train does)
+    card = write_trained_model_card(folder).read_text()
     assert "shapes" in card and "30 steps" in card
     features = model.extract_features(torch.zeros(2, 3, 32, 32))
     assert features.shape == (2, 8) and torch.isfinite(features).all()
@@ -174,8 +176,6 @@ def fake_results(protocol: str, methods: list[str], offset: float) -> dict:
 def test_the_card_shows_extra_evaluations_as_tables_and_model_index(tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_copa.model_cards import write_trained_model_card
-
     train(tiny_config(tmp_path, max_steps=2), load_dataset=load_synthetic, progress=False)
     folder = tmp_path / "model"
     write_trained_model_card(
@@ -195,6 +195,22 @@ def test_the_card_shows_extra_evaluations_as_tables_and_model_index(tmp_path):
     assert sorted((r.dataset_type, r.metric_config) for r in one_shot) == sorted(
         (d, m) for d in ("shapes", "colours") for m in ("copa", "tsa", "copa+tsa")
     )
+
+
+def test_hf_copa_model_card_writes_the_card_with_its_evaluations(tmp_path, capsys):
+    train(tiny_config(tmp_path, max_steps=2), load_dataset=load_synthetic, progress=False)
+    folder = tmp_path / "model"
+    main_eval, extra = tmp_path / "eval.json", tmp_path / "one-shot.json"
+    main_eval.write_text(json.dumps(fake_results("meta-dataset", ["ncc", "copa"], 0)))
+    extra.write_text(json.dumps(fake_results("5-way-1-shot", ["copa", "tsa"], 10)))
+    arguments = ["model-card", str(folder), "--evaluation", str(main_eval), "--repo-id", "org/tiny"]
+    extras = ["--extra-evaluation", str(extra), "--extra-evaluation-command", "hf-copa evaluate Y"]
+    assert main(arguments + extras) == 0
+    card = (folder / "README.md").read_text()
+    assert "org/tiny" in card and "| domain | role | copa | tsa |" in card and "hf-copa evaluate Y" in card
+    assert f"wrote {folder / 'README.md'}" in capsys.readouterr().out
+    assert main([*arguments, "--extra-evaluation-command", "orphan"]) == 2  # a command without results
+    assert "More --extra-evaluation-command" in capsys.readouterr().err
 
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):

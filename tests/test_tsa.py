@@ -13,33 +13,23 @@ import torch
 import torch.nn.functional as F
 
 import hf_copa
-from hf_copa import ADAPTATION_DEFAULTS, ADAPTATION_PRESETS, CopaConfig, CopaModel, get_learner
+from hf_copa import ADAPTATION_DEFAULTS, ADAPTATION_PRESETS, CopaModel, get_learner
 from hf_copa.adapters import (
     ADAPTER_INIT_SCALE,
     adapter_shapes,
     check_adapters,
     first_adapted_stage,
-    frozen_backbone,
     identity_adapters,
 )
+from hf_copa.frozen import frozen_backbone
+
+from .conftest import tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = {"embedding_size": 8, "hidden_sizes": [8, 8, 16, 16], "image_size": 32}
 BACKBONE_METHODS = ["tsa", "copa+tsa"]
 STAGES = {"tsa": ["layer1", "layer2", "layer3", "layer4"], "copa+tsa": ["layer2", "layer3"]}
 FAST = {"steps": 4}
-
-
-def tiny_backbone(seed: int = 0, **overrides) -> CopaModel:
-    torch.manual_seed(seed)
-    model = CopaModel(CopaConfig(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so that eval and train mode differ
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def clustered_images(ways: int = 3, shots: int = 3, seed: int = 0, side: int = 32):
@@ -120,15 +110,40 @@ def test_adapters_for_another_backbone_are_refused(backbone):
         backbone(torch.zeros(1, 3, 32, 32), adapters={"layer1.0.conv1": torch.zeros(4, 8, 1, 1)})
 
 
-def test_frozen_backbone_restores_mode_and_gradient_flags():
-    model = tiny_backbone().train()
-    model.layer1[0].conv1.weight.requires_grad_(False)  # a caller's own choice survives too
+def test_frozen_backbone_leaves_an_eval_model_untouched_and_restores_a_training_one():
+    model = tiny_backbone()
+    flags = [p.requires_grad for p in model.parameters()]
+    with frozen_backbone(model):
+        assert not model.training  # nothing to switch
+    assert [p.requires_grad for p in model.parameters()] == flags  # never touched
+    model.train()
+    model.layer1[0].conv1.weight.requires_grad_(False)  # a caller's own choice survives
     with frozen_backbone(model):
         assert not model.training
-        assert not any(p.requires_grad for p in model.parameters())
+        assert model.layer2[0].conv1.weight.requires_grad  # gradients are not switched off here
     assert model.training
     assert not model.layer1[0].conv1.weight.requires_grad
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "layer1.0.conv1.weight")
+
+
+@pytest.mark.parametrize("method", BACKBONE_METHODS)
+def test_adapting_never_changes_what_another_task_sharing_the_backbone_sees(method, episode):
+    """While one task adapts, the shared eval-mode backbone keeps its mode and flags, and gets no gradients:
+    a second task reading it at any moment (here: from a forward hook, at every step) sees it unchanged."""
+    model = tiny_backbone()
+    seen = []
+    hook = model.layer3[0].register_forward_hook(
+        lambda module, args, output: seen.append(
+            (model.training, all(p.requires_grad for p in model.parameters()), model.conv1.weight.grad)
+        )
+    )
+    support, labels, _, _ = episode
+    try:
+        get_learner(method, **FAST).fit_images(model, support, labels)
+    finally:
+        hook.remove()
+    assert len(seen) > FAST["steps"] and all(state == (False, True, None) for state in seen)
+    assert all(p.grad is None for p in model.parameters())
 
 
 # --- the learners' contract ----------------------------------------------------------------------------

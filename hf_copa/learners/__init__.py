@@ -1,20 +1,23 @@
-"""Per-task adaptation methods, registered by name."""
+"""Per-task adaptation methods, one file each, registered by name (see `registry`)."""
 
-from . import copa, copa_tsa, ncc, tsa, url  # noqa: F401  (registration)
-from .base import (
-    AdaptedHead,
-    BackboneLearner,
-    Learner,
+from . import copa, copa_tsa, ncc, tsa, url  # noqa: F401  (each registers itself)
+from .base import BackboneLearner, Learner
+from .registry import (
+    ADAPTATION_DEFAULTS,
+    ADAPTATION_PRESETS,
     available_methods,
     get_learner,
+    learner_class,
     register_learner,
 )
 
 __all__ = [
-    "AdaptedHead",
+    "ADAPTATION_DEFAULTS",
+    "ADAPTATION_PRESETS",
     "BackboneLearner",
     "Learner",
     "available_methods",
     "get_learner",
+    "learner_class",
     "register_learner",
 ]

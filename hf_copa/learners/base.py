@@ -1,170 +1,62 @@
-"""The learner contract, the adapted head it produces, and the registry of learners by name."""
+"""The learner contract: what every method declares, and the two ways it adapts (features or backbone).
+
+A learner file holds the whole truth about its method: its maths (`fit_batch`, or `fit_backbone` for
+methods that adapt the backbone itself), `default_hyperparameters`, named `presets` (the papers' settings)
+and a one-line `description`, and it registers itself with `@register_learner(name)`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import frozen_backbone
-from ..configuration_copa import ADAPTATION_DEFAULTS, resolve_hyperparameters
-from ..losses import cosine_scores
+from ..frozen import frozen_backbone
+from ..heads import AdaptedHead
+from ..validation import CopaTypeError, CopaValueError, as_feature_matrix, as_label_vector, as_pixel_values
 
-_LEARNERS: dict[str, type[Learner]] = {}
-
-# Batched support sets are padded to these multiples (rows, classes), and batches only group
-# episodes of one padded shape, so an episode's float32 arithmetic, and hence its result, does not
-# depend on which episodes share its batch: a different padded size changes how the matrix
-# products block their sums, and adaptation amplifies such round-off into different predictions.
-ROW_MULTIPLE = 64
-CLASS_MULTIPLE = 16
-
-
-def padded_size(count: int, multiple: int) -> int:
-    return -(-count // multiple) * multiple
+# What a hyperparameter of a given name must be, whichever learner declares it.
+HYPERPARAMETER_RULES: dict[str, str] = {
+    "steps": "a non-negative integer",
+    "lr": "a finite positive number",
+    "lr_beta": "a finite positive number",
+    "scale": "a finite positive number",
+    "adapter_lr_scale": "a finite positive number",
+    "weight_decay": "a finite number >= 0",
+    "tau": "a finite number",
+}
 
 
-def pad_support_sets(
-    support_sets: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[(features [N_i, d], labels [N_i])] -> features [B, N, d], labels [B, N] (-1 = padding), classes C.
-
-    N and C are the largest sizes rounded up to ROW_MULTIPLE and CLASS_MULTIPLE.
-    """
-    first = support_sets[0][0]
-    rows = padded_size(max(len(f) for f, _ in support_sets), ROW_MULTIPLE)
-    classes = padded_size(max(int(labels.max()) + 1 for _, labels in support_sets), CLASS_MULTIPLE)
-    features = first.new_zeros(len(support_sets), rows, first.shape[1])
-    labels = torch.full((len(support_sets), rows), -1, dtype=torch.long, device=first.device)
-    for b, (episode_features, episode_labels) in enumerate(support_sets):
-        features[b, : len(episode_features)] = episode_features
-        labels[b, : len(episode_labels)] = episode_labels
-    return features, labels, classes
-
-
-def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
-    """Class decorator: make a learner available as `method=name` everywhere."""
-
-    def decorate(cls: type[Learner]) -> type[Learner]:
-        if name in _LEARNERS:
-            raise ValueError(f"A learner named {name!r} is already registered.")
-        cls.name = name
-        _LEARNERS[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_methods() -> list[str]:
-    return sorted(_LEARNERS)
-
-
-def get_learner(
-    method: str,
-    preset: str | None = None,
-    config_overrides: dict[str, Any] | None = None,
-    **hyperparameters: Any,
-) -> Learner:
-    """The learner registered as `method`; hyperparameters: defaults < config_overrides < preset < kwargs."""
-    if method not in _LEARNERS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {available_methods()}.")
-    return _LEARNERS[method](preset=preset, config_overrides=config_overrides, **hyperparameters)
-
-
-class AdaptedHead(nn.Module):
-    """What adaptation learns for one task: logits = scale * cos(q A^T, P B^T).
-
-    `prototypes` are the class means of the support features; `image_projection`
-    (A) and `prototype_projection` (B) are d x d maps, None meaning identity
-    (NCC). URL's single head is A = B; CoPA learns both.
-
-    `adapters` (TSA, CoPA+TSA) are residual adapters inside the backbone, by
-    convolution name (see `hf_copa.adapters`): the prototypes and the query
-    features are then those of the backbone run with them,
-    `backbone.extract_features(images, adapters=head.adapters)`.
-    """
-
-    def __init__(
-        self,
-        prototypes: torch.Tensor,
-        image_projection: torch.Tensor | None = None,
-        prototype_projection: torch.Tensor | None = None,
-        scale: float = 10.0,
-        method: str = "ncc",
-        hyperparameters: dict[str, Any] | None = None,
-        train_losses: Sequence[float] = (),
-        adapters: Mapping[str, torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__()
-        self.register_buffer("prototypes", prototypes.detach().clone())
-        self.register_buffer("image_projection", _detached(image_projection))
-        self.register_buffer("prototype_projection", _detached(prototype_projection))
-        # Not buffers: their names hold dots. `_apply` moves them with the module.
-        self.adapters = {name: alpha.detach().clone() for name, alpha in (adapters or {}).items()}
-        self.scale = float(scale)
-        self.method = method
-        self.hyperparameters = dict(hyperparameters or {})
-        self.train_losses = [float(x) for x in train_losses]
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AdaptedHead:
-        super()._apply(fn, recurse)
-        self.adapters = {name: fn(alpha) for name, alpha in self.adapters.items()}
-        return self
-
-    @property
-    def num_classes(self) -> int:
-        return self.prototypes.shape[0]
-
-    @property
-    def feature_dim(self) -> int:
-        return self.prototypes.shape[1]
-
-    def project_images(self, features: torch.Tensor) -> torch.Tensor:
-        return features if self.image_projection is None else features @ self.image_projection.T
-
-    def projected_prototypes(self) -> torch.Tensor:
-        protos = self.prototypes
-        return protos if self.prototype_projection is None else protos @ self.prototype_projection.T
-
-    @torch.no_grad()
-    def logits(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """[Nq, d] query features -> [Nq, C] logits."""
-        query = as_feature_matrix(query_features, "query_features", self.feature_dim).to(self.prototypes)
-        scores = cosine_scores(
-            self.project_images(query).unsqueeze(0), self.projected_prototypes().unsqueeze(0), self.scale
-        )
-        return scores[0]
-
-    def forward(self, query_features: torch.Tensor) -> torch.Tensor:
-        return self.logits(query_features)
-
-    def extra_repr(self) -> str:
-        adapters = f", adapters={len(self.adapters)}" if self.adapters else ""
-        return f"method={self.method!r}, classes={self.num_classes}, dim={self.feature_dim}{adapters}"
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().clone()
+def _obeys(rule: str, value: Any) -> bool:
+    if rule == "a non-negative integer":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if rule == "a finite positive number":
+        return number and value > 0
+    if rule == "a finite number >= 0":
+        return number and value >= 0
+    return number
 
 
 class Learner:
     """A per-task adaptation method over frozen features.
 
-    Subclasses implement `fit_batch` over padded episodes; `fit` validates one
-    episode and runs it as a batch of one, so both paths share the same maths.
+    Subclasses implement `fit_batch` over padded episodes; `fit` validates one episode and runs it as a
+    batch of one, so both paths share the same maths. They declare `default_hyperparameters`, `presets`
+    (named overrides of some defaults) and a one-line `description`; hyperparameters resolve as
+    defaults < a model's `CopaConfig.adaptation` < preset < keyword arguments, every name and value checked.
     """
 
     name: ClassVar[str] = ""
-    # True for learners that put parameters inside the backbone (TSA): they implement `fit_images`.
-    needs_backbone: ClassVar[bool] = False
-
-    # Learners registered outside hf_copa declare their defaults and presets here;
-    # the built-in ones take theirs from configuration_copa (the one place for them).
+    description: ClassVar[str] = ""
     default_hyperparameters: ClassVar[dict[str, Any]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True for learners that put parameters inside the backbone (TSA): they adapt on images.
+    needs_backbone: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -172,15 +64,51 @@ class Learner:
         config_overrides: dict[str, Any] | None = None,
         **hyperparameters: Any,
     ) -> None:
-        builtin = self.name in ADAPTATION_DEFAULTS
-        self.hyperparameters = resolve_hyperparameters(
-            self.name,
-            preset,
-            config_overrides=config_overrides,
-            defaults=None if builtin else self.default_hyperparameters,
-            presets=None if builtin else self.presets,
-            **hyperparameters,
-        )
+        self.hyperparameters = self.resolve_hyperparameters(preset, config_overrides, **hyperparameters)
+
+    @classmethod
+    def resolve_hyperparameters(
+        cls, preset: str | None = None, config_overrides: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> dict[str, Any]:
+        """Merge defaults, config overrides, a named preset and keyword overrides, checking every name."""
+        merged = dict(cls.default_hyperparameters)
+        merged.update(config_overrides or {})
+        if preset is not None:
+            if preset not in cls.presets:
+                raise CopaValueError(
+                    f"Unknown preset {preset!r} for method {cls.name!r}; choose one of {sorted(cls.presets)}."
+                )
+            merged.update(cls.presets[preset])
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - set(merged)
+        if unknown:
+            raise CopaTypeError(
+                f"Method {cls.name!r} takes no hyperparameter(s) {sorted(unknown)}; valid: {sorted(merged)}."
+            )
+        merged.update(given)
+        cls.check_hyperparameters(merged)
+        return merged
+
+    @classmethod
+    def check_hyperparameters(cls, hyperparameters: Mapping[str, Any]) -> None:
+        """Raise a `CopaValueError` naming the first hyperparameter with an unusable value."""
+        for name, value in hyperparameters.items():
+            rule = HYPERPARAMETER_RULES.get(name)
+            if rule is not None and not _obeys(rule, value):
+                raise CopaValueError(f"{cls.name}: {name} must be {rule}, got {value!r}.")
+
+    @classmethod
+    def check_overrides(cls, overrides: Any) -> None:
+        """Check a model's `CopaConfig.adaptation[name]`: known hyperparameters with usable values."""
+        if not isinstance(overrides, Mapping):
+            raise CopaValueError(f"must map hyperparameter names to values, got {overrides!r}.")
+        unknown = set(overrides) - set(cls.default_hyperparameters)
+        if unknown:
+            raise CopaValueError(
+                f"has unknown hyperparameters {sorted(unknown)}; "
+                f"valid: {sorted(cls.default_hyperparameters)}."
+            )
+        cls.check_hyperparameters({**cls.default_hyperparameters, **overrides})
 
     def fit(self, support_features: torch.Tensor | np.ndarray, support_labels: Any) -> AdaptedHead:
         """Adapt to one support set (labels 0..C-1, every class present) and return its head."""
@@ -198,7 +126,7 @@ class Learner:
 
     def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:
         """Adapt to one support set of images (learners with `needs_backbone`)."""
-        raise TypeError(
+        raise CopaTypeError(
             f"{self.name!r} adapts on features; use fit(backbone.extract_features(images), labels)."
         )
 
@@ -209,14 +137,16 @@ class Learner:
 class BackboneLearner(Learner):
     """A learner that adapts parameters inside the backbone, so it needs the images, not cached features.
 
-    Subclasses implement `fit_backbone`, which runs inside `frozen_backbone` (eval mode, no weight
-    gradients) on validated pixel values and labels on the backbone's device and dtype.
+    Subclasses implement `fit_backbone`, which runs inside `frozen_backbone` (BatchNorm on its running
+    statistics) on validated pixel values and labels on the backbone's device and dtype, and returns the head
+    with the support features of the adapted backbone it computed its prototypes from. The pretrained
+    weights are never changed and get no gradients: the optimisers step the adapters and heads only.
     """
 
     needs_backbone = True
 
     def fit(self, support_features: Any, support_labels: Any) -> AdaptedHead:
-        raise TypeError(
+        raise CopaTypeError(
             f"{self.name!r} adapts the backbone itself, so it needs the support images, not features: use "
             f"CopaModel.adapt(images, labels, method={self.name!r}) or "
             f"get_learner({self.name!r}).fit_images(backbone, pixel_values, labels)."
@@ -227,32 +157,25 @@ class BackboneLearner(Learner):
 
     def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:
         """Adapt `backbone` (a CopaModel, left unchanged) to pixel values [N, 3, H, W] with labels 0..C-1."""
-        channels = backbone.config.num_channels
-        if (
-            not isinstance(pixel_values, torch.Tensor)
-            or pixel_values.ndim != 4
-            or pixel_values.shape[1] != channels
-        ):
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(
-                f"pixel_values must be a [N, {channels}, H, W] tensor (e.g. from CopaImageProcessor), "
-                f"got {got}."
-            )
-        if len(pixel_values) == 0:
-            raise ValueError("The support set is empty: give at least one image per class.")
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contain NaN or infinite values; check the image preprocessing.")
+        return self.adapt_backbone(backbone, pixel_values, support_labels)[0]
+
+    def adapt_backbone(
+        self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any
+    ) -> tuple[AdaptedHead, torch.Tensor]:
+        """As `fit_images`, also returning the support features [N, d] of the adapted backbone."""
+        pixel_values = as_pixel_values(pixel_values, backbone.config.num_channels)
         labels = as_label_vector(support_labels, len(pixel_values), "support images")
         reference = next(backbone.parameters())
         pixel_values = pixel_values.to(
             reference.device, reference.dtype, memory_format=_adaptation_memory_format(backbone)
         )
         with frozen_backbone(backbone):
-            return self.fit_backbone(backbone, pixel_values, labels.to(reference.device))
+            head, features = self.fit_backbone(backbone, pixel_values, labels.to(reference.device))
+        return head, features.detach()
 
     def fit_backbone(
         self, backbone: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor
-    ) -> AdaptedHead:
+    ) -> tuple[AdaptedHead, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -296,69 +219,4 @@ def split_heads(
     return heads
 
 
-def as_feature_matrix(features: Any, name: str, expected_dim: int | None = None) -> torch.Tensor:
-    """Check a [N, d] float feature matrix and return it as a tensor."""
-    if isinstance(features, np.ndarray):
-        features = torch.from_numpy(features)
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor or numpy array of shape [N, d], got {type(features).__name__}."
-        )
-    if features.ndim != 2:
-        raise ValueError(f"{name} must have shape [N, d], got shape {tuple(features.shape)}.")
-    if features.shape[0] == 0:
-        raise ValueError(f"{name} is empty: give at least one feature vector.")
-    if features.is_inference():
-        features = features.clone()  # inference tensors cannot take part in autograd
-    if not features.is_floating_point():
-        features = features.to(torch.float32)
-    if expected_dim is not None and features.shape[1] != expected_dim:
-        raise ValueError(
-            f"{name} have dimension {features.shape[1]} but the head was fitted on "
-            f"{expected_dim}-d features; "
-            "use features from the same backbone."
-        )
-    if not torch.isfinite(features).all():
-        bad = int((~torch.isfinite(features)).any(dim=1).sum())
-        raise ValueError(
-            f"{name} contain NaN or infinite values in {bad} row(s); check the feature extractor."
-        )
-    return features
-
-
-def as_label_vector(labels: Any, num_examples: int, examples: str = "support features") -> torch.Tensor:
-    """Check integer labels 0..C-1 (C >= 2, every class present) for `num_examples` `examples`."""
-    if isinstance(labels, np.ndarray | list | tuple):
-        try:
-            labels = torch.as_tensor(np.asarray(labels))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"support_labels must be integers 0..C-1: {err}") from None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(
-            f"support_labels must be a sequence or tensor of integers, got {type(labels).__name__}."
-        )
-    if labels.ndim != 1:
-        raise ValueError(f"support_labels must be 1-D, got shape {tuple(labels.shape)}.")
-    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(
-            f"support_labels must be integers 0..C-1, got dtype {labels.dtype}; "
-            "map other label values to indices first (CopaModel.adapt does this for you)."
-        )
-    if len(labels) != num_examples:
-        raise ValueError(f"Got {num_examples} {examples} but {len(labels)} labels; they must match.")
-    labels = labels.to(torch.long)
-    if labels.min() < 0:
-        raise ValueError(f"support_labels must be in 0..C-1, found {int(labels.min())}.")
-    num_classes = int(labels.max()) + 1
-    counts = torch.bincount(labels, minlength=num_classes)
-    missing = (counts == 0).nonzero().flatten().tolist()
-    if missing:
-        raise ValueError(
-            f"support_labels must cover every class 0..{num_classes - 1}, but classes {missing} have no "
-            "support example; relabel the classes consecutively."
-        )
-    if num_classes < 2:
-        raise ValueError(
-            "The support set has a single class; few-shot classification needs at least 2 classes."
-        )
-    return labels
+__all__ = ["BackboneLearner", "HYPERPARAMETER_RULES", "Learner", "split_heads"]

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import torch
 
+from ..heads import AdaptedHead
 from ..losses import class_means, one_hot_labels, symmetric_contrastive_loss_and_grads
-from .base import AdaptedHead, Learner, register_learner, split_heads
+from .base import Learner, split_heads
 from .optimization import fused_if_supported, identity_head, run_steps_with_grads
+from .registry import register_learner
 
 
 @register_learner("copa")
 class CopaLearner(Learner):
+    description = "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)"
+    # models/adaptation.py::pa_adaptation: 50 Adam steps, coupled L2 weight decay, tau = 2.
+    default_hyperparameters = {"steps": 50, "lr": 1e-3, "weight_decay": 0.1, "tau": 2.0, "scale": 10.0}
+    # The official code picks these by dataset name; here they are named settings.
+    presets = {
+        "default": {},
+        "high-lr": {"lr": 5e-3, "weight_decay": 0.0},  # the paper's MNIST / Traffic Sign setting
+    }
+
     def fit_batch(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[AdaptedHead]:
         hp = self.hyperparameters
         one_hot = one_hot_labels(labels, num_classes, features.dtype)

@@ -31,14 +31,18 @@ def run_steps(
     """Take `steps` optimiser steps on the summed per-episode losses; return losses [steps, B].
 
     Episodes are independent, so summing their losses gives each one exactly
-    its own gradient. Each recorded loss is the one before its step.
+    its own gradient. Each recorded loss is the one before its step. Gradients
+    are computed for the optimised tensors only (`backward(inputs=...)`): a
+    frozen backbone the loss runs through gets none, and its weights' flags are
+    left alone (see `hf_copa.frozen`).
     """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
-            loss.sum().backward()
+            loss.sum().backward(inputs=params)
             optimizer.step()
             history.append(loss.detach())
     if not history:

@@ -13,16 +13,27 @@ from __future__ import annotations
 import torch
 
 from ..adapters import adapted_features, identity_adapters
+from ..heads import AdaptedHead
 from ..losses import class_means, cosine_scores, ncc_loss, one_hot_labels
-from .base import AdaptedHead, BackboneLearner, register_learner
+from .base import BackboneLearner
 from .optimization import identity_matrices, run_steps
+from .registry import register_learner
 
 
 @register_learner("tsa")
 class TSALearner(BackboneLearner):
+    description = "also adapts the backbone, with residual adapters in every stage, plus one map (slower)"
+    # models/tsa.py: 40 Adadelta steps, lr for the adapters (alpha), lr_beta for the head (beta).
+    default_hyperparameters = {"steps": 40, "lr": 0.5, "lr_beta": 1.0, "scale": 10.0}
+    presets = {
+        "seen": {"lr": 0.05, "lr_beta": 0.1},
+        "unseen": {"lr": 0.5, "lr_beta": 1.0},  # the default
+    }
     adapter_stages: tuple[int, ...] | None = None  # every stage
 
-    def fit_backbone(self, backbone, pixel_values: torch.Tensor, labels: torch.Tensor) -> AdaptedHead:
+    def fit_backbone(
+        self, backbone, pixel_values: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[AdaptedHead, torch.Tensor]:
         hp = self.hyperparameters
         one_hot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1, pixel_values.dtype)
         adapters = identity_adapters(backbone, self.adapter_stages)
@@ -38,7 +49,9 @@ class TSALearner(BackboneLearner):
 
         losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=1)
         with torch.no_grad():
-            prototypes = class_means(features_of(), one_hot)[0]
-        return AdaptedHead(
+            features = features_of()
+            prototypes = class_means(features, one_hot)[0]
+        head = AdaptedHead(
             prototypes, beta[0], beta[0], hp["scale"], self.name, hp, losses[:, 0].tolist(), adapters
         )
+        return head, features[0]

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import torch
 
+from ..heads import AdaptedHead
 from ..losses import class_means, cosine_scores, ncc_loss, one_hot_labels
-from .base import AdaptedHead, Learner, register_learner, split_heads
+from .base import Learner, split_heads
 from .optimization import identity_head, run_steps
+from .registry import register_learner
 
 
 @register_learner("url")
 class URLLearner(Learner):
+    description = "learns one map for both (nearest-centroid loss)"
+    # models/pa.py: 40 Adadelta steps, cosine NCC scaled by 10.
+    default_hyperparameters = {"steps": 40, "lr": 1.0, "scale": 10.0}
+    presets = {
+        "seen": {"lr": 0.1},  # domains the backbone was trained on
+        "unseen": {"lr": 1.0},  # new domains (the default)
+    }
+
     def fit_batch(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[AdaptedHead]:
         hp = self.hyperparameters
         one_hot = one_hot_labels(labels, num_classes, features.dtype)

@@ -21,12 +21,12 @@ import gradio as gr
 
 from hf_copa.bundled import DEFAULT_MODEL
 from hf_copa.interactive import (
-    METHODS,
     TaskError,
     TaskLimits,
     build_task,
     embedding_figure,
     example_tasks,
+    methods,
     predictions_html,
     push_classifier,
     run_task,
@@ -208,10 +208,10 @@ def build_demo() -> gr.Blocks:
                     elem_id="query-images",
                 )
                 method = gr.Radio(
-                    list(METHODS),
+                    list(methods()),
                     value="copa",
                     label="Method",
-                    info="; ".join(f"{name} {what}" for name, what in METHODS.items()) + ".",
+                    info="; ".join(f"{name} {what}" for name, what in methods().items()) + ".",
                 )
                 classify_button = gr.Button("Classify", variant="primary", elem_id="copa-classify")
                 gr.Markdown("**Or start from an example task** (real images; then press Classify):")

@@ -1,4 +1,5 @@
-"""Plain transcriptions of the official TSA and CoPA+TSA loops, as independent oracles for fidelity checks.
+"""Plain transcriptions of the official CoPA, TSA and CoPA+TSA loops: oracles for fidelity checks, and the
+speed baseline of `scripts/benchmark_adaptation.py`.
 
 They follow the official code's structure rather than hf_copa's (see ../shared/reference/README.md):
 adapters are modules that replace the convolutions of a deep copy of the backbone, the heads are 1x1
@@ -65,6 +66,22 @@ def cosine_logits(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tens
 def head(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """A d x d head as the official 1x1 convolution of [N, d] features."""
     return F.conv2d(features[:, :, None, None], kernel).flatten(1)
+
+
+def official_url(
+    support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, lr: float, steps: int = 40
+) -> torch.Tensor:
+    """URL's `pa` on features: one d x d map (identity init), Adadelta on the support set's cosine-NCC loss
+    against its own class means; returns the query logits [Q, C]. Runs in the features' dtype."""
+    theta = torch.eye(support.shape[1], dtype=support.dtype, requires_grad=True)
+    optimizer = torch.optim.Adadelta([theta], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        transformed = support @ theta.T
+        F.cross_entropy(cosine_logits(transformed, class_means(transformed, labels)), labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return cosine_logits(query @ theta.T, class_means(support @ theta.T, labels))
 
 
 def official_tsa(
@@ -149,3 +166,48 @@ def official_copa_tsa(
         _, prototypes = features_and_prototypes(support)
         queries = F.adaptive_avg_pool2d(feature_maps(model, query), 1).flatten(1)
         return np.array(losses), cosine_logits(head(queries, theta_image), head(prototypes, theta_proto))
+
+
+def official_copa(
+    support: torch.Tensor,
+    support_labels: torch.Tensor,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    tau: float = 2.0,
+    steps: int = 50,
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """CoPA's `pa_adaptation` (linear heads) on features, shaped like the official code: 1x1-convolution
+    heads, the N x N loss by autograd, two Adam groups, and the query set scored (loss and accuracy read back
+    with `.item()`) before every step and after the last. Returns (query logits [Q, C], history)."""
+    dim = support.shape[1]
+    theta_image = torch.eye(dim, dtype=support.dtype)[:, :, None, None].requires_grad_(True)
+    theta_proto = torch.eye(dim, dtype=support.dtype)[:, :, None, None].requires_grad_(True)
+    optimizer = torch.optim.Adam(
+        [{"params": [theta_image]}, {"params": [theta_proto]}], lr=lr, weight_decay=weight_decay
+    )
+    prototypes = class_means(support, support_labels)
+    history: dict[str, list[float]] = {"train_losses": [], "train_accs": [], "val_losses": [], "val_accs": []}
+
+    def record(
+        kind: str, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        projected = head(prototypes, theta_proto)
+        loss = symmetric_ce(embeddings, projected, labels, tau)
+        logits = cosine_logits(embeddings, projected)
+        history[f"{kind}_losses"].append(loss.item())
+        history[f"{kind}_accs"].append((logits.argmax(1) == labels).float().mean().item())
+        return loss, logits
+
+    def score_query() -> torch.Tensor:
+        with torch.no_grad():
+            return record("val", head(query, theta_image), query_labels)[1]
+
+    for _ in range(steps):
+        score_query()
+        optimizer.zero_grad()
+        loss, _ = record("train", head(support, theta_image), support_labels)
+        loss.backward()
+        optimizer.step()
+    return score_query(), history
