@@ -49,6 +49,7 @@ __all__ = [
     "LabelIndex",
     "SkippedClassesWarning",
     "available_protocols",
+    "canonical_protocol",
     "get_protocol",
     "make_sampler",
 ]
@@ -207,6 +208,10 @@ class EpisodeProtocol:
     max_log_weight: float = math.log(2.0)
     min_examples_in_class: int = 0
     ignore_hierarchy_probability: float = 0.0
+    # Meta-Dataset's switches for its two ontologies (the official sampler reads them; here a bi-level
+    # hierarchy column is ignored when ignore_bilevel_ontology is set).
+    ignore_dag_ontology: bool = False
+    ignore_bilevel_ontology: bool = False
 
     def __post_init__(self) -> None:
         if self.num_ways is not None:
@@ -285,14 +290,20 @@ def available_protocols() -> list[str]:
     return sorted(_PROTOCOLS)
 
 
-def get_protocol(name: str, **options: Any) -> EpisodeProtocol:
-    """The named protocol, with ``options`` overriding its :class:`EpisodeProtocol` fields."""
+def canonical_protocol(name: str) -> str:
+    """A protocol's canonical name (CoPA/URL's 'standard', '5shot', '1shot' are aliases)."""
     canonical = _ALIASES.get(name, name)
     if canonical not in _PROTOCOLS:
         raise ValueError(
             f"unknown episode protocol {name!r}; choose one of {available_protocols()} "
             f"(aliases: {sorted(_ALIASES)})."
         )
+    return canonical
+
+
+def get_protocol(name: str, **options: Any) -> EpisodeProtocol:
+    """The named protocol, with ``options`` overriding its :class:`EpisodeProtocol` fields."""
+    canonical = canonical_protocol(name)
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
         raise CopaTypeError(f"unknown episode option(s) {unknown}; valid options are {list(_OPTION_NAMES)}.")
@@ -476,9 +487,13 @@ class EpisodeSampler:
     def _sample_classes(self, rng: np.random.Generator) -> tuple[np.ndarray, np.generic | None]:
         """Original l. 414-486: a node uniformly, then ways, then classes uniformly without replacement."""
         candidates, node = self._eligible, None
-        use_hierarchy = self._node_values is not None and (
-            self.protocol.ignore_hierarchy_probability == 0.0
-            or rng.random() >= self.protocol.ignore_hierarchy_probability
+        use_hierarchy = (
+            self._node_values is not None
+            and not self.protocol.ignore_bilevel_ontology
+            and (
+                self.protocol.ignore_hierarchy_probability == 0.0
+                or rng.random() >= self.protocol.ignore_hierarchy_probability
+            )
         )
         if use_hierarchy:
             k = int(rng.integers(len(self._node_values)))
