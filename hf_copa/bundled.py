@@ -27,8 +27,19 @@ def bundled_model_path(name_or_path: object) -> Path | None:
     return folder
 
 
+def bundled_name_of(folder: str | Path) -> str | None:
+    """The bundled name of a folder that is a bundled model (e.g. `default_model_path()`), else None."""
+    resolved = Path(folder).expanduser().resolve()
+    for name, sub in _BUNDLED_MODELS.items():
+        if (_MODELS_DIR / sub).resolve() == resolved:
+            return name
+    return None
+
+
 def default_model_path() -> Path:
-    """The folder of `DEFAULT_MODEL`, for tools that want a path (`AutoModel.from_pretrained(path)`)."""
+    """The folder of `DEFAULT_MODEL`, for tools that want a path: transformers' Auto classes resolve names
+    themselves and cannot know the bundled name, so use `AutoModel.from_pretrained(default_model_path())`.
+    A model loaded from this folder still records `DEFAULT_MODEL` as its name."""
     folder = bundled_model_path(DEFAULT_MODEL)
     assert folder is not None
     return folder

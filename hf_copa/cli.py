@@ -167,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also keep URL's 8 domain classifiers, in domain_classifiers.safetensors",
     )
+    convert.add_argument(
+        "--stem-padding",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="the stem convolution's padding: 1 (default) as the official test scripts load the checkpoint, "
+        "giving the published numbers' features; 2 as URL trained it",
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty folder, replacing only its own files"
+    )
     return parser
 
 
@@ -380,15 +391,23 @@ def _model_card(args) -> int:
 
 
 def _convert(args) -> int:
-    from .conversion import convert_url_checkpoint
+    from .conversion import DOMAIN_CLASSIFIERS_FILE, convert_url_checkpoint, converted_files
 
+    stale = Path(args.output_dir) / DOMAIN_CLASSIFIERS_FILE
+    removes_stale = not args.keep_domain_classifiers and stale.exists()
     output = convert_url_checkpoint(
         args.checkpoint,
         args.output_dir,
         keep_domain_classifiers=args.keep_domain_classifiers,
         push_to_hub=args.push_to_hub,
+        stem_padding=args.stem_padding,
+        overwrite=args.overwrite,
     )
-    print(f"wrote {output}: " + ", ".join(sorted(path.name for path in output.iterdir() if path.is_file())))
+    print(f"wrote {output}: " + ", ".join(converted_files(args.keep_domain_classifiers)))
+    if removes_stale:
+        print(
+            f"removed {stale.name} (an earlier conversion's domain classifiers; config.json no longer lists them)"
+        )
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}")
     return 0

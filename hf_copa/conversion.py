@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .configuration_copa import CopaConfig
+from .files import check_output_folder, match_umask, save_safetensors, write_text_atomically
 from .image_processing_copa import CopaImageProcessor
 from .modeling_copa import CopaModel
+from .quiet import quiet_transformers
+from .validation import CopaValueError
 
 # URL's training domains, in the order of its `cls_fn.{0..7}` heads (Meta-Dataset's eight training sources).
 URL_TRAINING_DOMAINS = (
@@ -65,6 +68,12 @@ class UrlCheckpoint:
     source_sha256: str
 
 
+def converted_files(keep_domain_classifiers: bool = False) -> list[str]:
+    """The files `convert_url_checkpoint` writes into its output folder, exactly."""
+    files = ["config.json", "model.safetensors", "preprocessor_config.json", "README.md"]
+    return files + ([DOMAIN_CLASSIFIERS_FILE] if keep_domain_classifiers else [])
+
+
 def convert_url_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
@@ -72,43 +81,52 @@ def convert_url_checkpoint(
     push_to_hub: str | None = None,
     token: str | bool | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    stem_padding: int = 1,
+    overwrite: bool = False,
 ) -> Path:
     """Write a model folder for URL's `model_best.pth.tar` (plain or `.xz`) and optionally push it.
 
-    `push_to_hub="org/name"` creates the repo if needed and uploads the folder, card included, in one
-    commit. Raises `ValueError` naming the problem for a file that is not URL's checkpoint.
+    `stem_padding` is the stem convolution's padding: 1 (the default) as every official test script
+    builds the network it loads this checkpoint into (URL's `test_extractor_pa.py` / `test_extractor_tsa.py`,
+    CoPA's `copa_pa.py` / `copa_tsa.py`, all through `models/resnet18.py`), so the converted model gives
+    the features behind the published numbers; 2 as URL trained it (`models/resnet18_mdl.py`). The card
+    says which. A non-empty `output_dir` is refused unless `overwrite`, which replaces only the files
+    `converted_files` names (other files are kept). `push_to_hub="org/name"` creates the repo if needed and
+    uploads those files in one commit. Raises `ValueError` naming the problem for a file that is not URL's
+    checkpoint; every check runs before anything is written.
     """
+    if stem_padding not in (1, 2):
+        raise CopaValueError(f"stem_padding must be 1 or 2 (see the docstring), got {stem_padding!r}.")
+    written = converted_files(keep_domain_classifiers)
+    output = check_output_folder(output_dir, written, overwrite)
     checkpoint = load_url_checkpoint(checkpoint_path)
     if keep_domain_classifiers and not checkpoint.domain_classifiers:
-        raise ValueError(
+        raise CopaValueError(
             f"{checkpoint_path}: the checkpoint has no domain classifiers (cls_fn.*) to keep; "
             "convert without keep_domain_classifiers."
         )
-    config = CopaConfig()
+    config = CopaConfig(stem_padding=stem_padding)
     model = _backbone_model(config, checkpoint.backbone)
     if keep_domain_classifiers:
         config.domain_classifier_sizes = list(checkpoint.domain_classifier_sizes)
         config.domain_classifier_domains = _domain_names(checkpoint.domain_classifier_sizes)
 
-    output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"The output path {str(output)!r} is a file; give a folder to write the model to.")
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
+    match_umask(output / "model.safetensors")
     CopaImageProcessor.from_copa_config(config).save_pretrained(output)
-    written = ["config.json", "model.safetensors", "preprocessor_config.json", "README.md"]
     stale = output / DOMAIN_CLASSIFIERS_FILE
     if keep_domain_classifiers:
-        save_file(
+        save_safetensors(
             {name: tensor.contiguous() for name, tensor in checkpoint.domain_classifiers.items()},
             stale,
             metadata={"format": "pt", "domains": ",".join(config.domain_classifier_domains)},
         )
-        written.append(DOMAIN_CLASSIFIERS_FILE)
     elif stale.exists():
         stale.unlink()  # left by an earlier conversion that kept them; it would contradict config.json
     repo_id = push_to_hub or output.resolve().name
-    render_model_card(config, checkpoint, repo_id).save(output / "README.md")
+    write_text_atomically(output / "README.md", str(render_model_card(config, checkpoint, repo_id)))
 
     if push_to_hub:
         from huggingface_hub import HfApi
@@ -159,7 +177,7 @@ def load_url_checkpoint(checkpoint_path: str | Path) -> UrlCheckpoint:
     )
 
 
-def load_url_backbone(checkpoint_path: str | Path, stem_padding: int = 2) -> CopaModel:
+def load_url_backbone(checkpoint_path: str | Path, stem_padding: int = 1) -> CopaModel:
     """URL's checkpoint as a `CopaModel` in eval mode, without writing anything.
 
     `stem_padding=1` builds the network URL's and CoPA's test scripts load the checkpoint into
@@ -363,6 +381,7 @@ __all__ = [
     "URL_TRAINING_DOMAINS",
     "UrlCheckpoint",
     "convert_url_checkpoint",
+    "converted_files",
     "load_domain_classifiers",
     "load_url_backbone",
     "load_url_checkpoint",

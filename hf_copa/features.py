@@ -24,19 +24,17 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .files import save_safetensors, write_atomically
 from .frozen import frozen_backbone, model_device
 from .splits import RawImages
 from .validation import CopaTypeError, check_int
@@ -413,23 +411,9 @@ def _save_cached(paths: _CachePaths, key_parts: dict[str, Any], features: torch.
     description = {"key": paths.key, "shape": list(features.shape), "parts": key_parts}
     try:
         paths.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(
+        write_atomically(
             paths.description, lambda tmp: tmp.write_text(json.dumps(description, indent=2, sort_keys=True))
         )
-        _write_atomically(
-            paths.features, lambda tmp: save_file({_FEATURES_TENSOR: features}, str(tmp), metadata=metadata)
-        )
+        save_safetensors({_FEATURES_TENSOR: features}, paths.features, metadata=metadata)
     except OSError as err:
         warnings.warn(f"Could not write the feature cache in {paths.directory}: {err}", stacklevel=3)
-
-
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path` (atomic on POSIX and Windows)."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -18,6 +18,7 @@ This module knows nothing of `CopaForFewShotClassification`; the classifier's ow
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -28,14 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ._version import __version__
 from .configuration_copa import CopaConfig
+from .files import save_safetensors, write_text_atomically
 from .losses import cosine_scores
-from .validation import CopaTypeError, as_feature_matrix
+from .validation import CopaTypeError, CopaValueError, as_feature_matrix
 
 HEAD_WEIGHTS_NAME = "head.safetensors"
 CONFIG_NAME = "config.json"
@@ -157,7 +158,10 @@ class HeadArtifact:
         from .image_processing_copa import CopaImageProcessor
 
         if (self.folder / PROCESSOR_NAME).is_file():
-            return CopaImageProcessor.from_pretrained(self.folder)
+            try:
+                return CopaImageProcessor.from_pretrained(self.folder)
+            except (OSError, ValueError, TypeError) as err:
+                raise _damaged(self.folder / PROCESSOR_NAME, f"it cannot be read ({err})") from None
         return CopaImageProcessor.from_copa_config(self.config)
 
 
@@ -251,21 +255,32 @@ def write_artifact(
         raise ValueError(f"The head has {head.num_classes} classes but {len(labels)} labels were given.")
     tensors, tied = head_tensors(head)
     metadata = head_metadata(head, labels, support_counts, base_model, tied)
-    card = render_model_card(metadata, model_id or str(folder), eval_results)
-
     folder = Path(folder)
+    card = render_model_card(metadata, model_id or folder.resolve().name, eval_results)
+
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / HEAD_WEIGHTS_NAME), metadata={"format": "pt", "method": head.method})
+    weights_metadata = {"format": "pt", "method": head.method, "sha256": tensors_checksum(tensors)}
+    save_safetensors(tensors, folder / HEAD_WEIGHTS_NAME, metadata=weights_metadata)
     config = CopaConfig.from_dict(backbone_config.to_dict())
     config.architectures = ["CopaForFewShotClassification"]
     config.id2label = {i: str(label) for i, label in enumerate(labels)}
     config.label2id = {str(label): i for i, label in enumerate(labels)}
     config.copa_head = metadata
     config._name_or_path = ""
-    config.to_json_file(folder / CONFIG_NAME)
-    image_processor.to_json_file(folder / PROCESSOR_NAME)
-    card.save(folder / CARD_NAME)
+    write_text_atomically(folder / CONFIG_NAME, config.to_json_string())
+    write_text_atomically(folder / PROCESSOR_NAME, image_processor.to_json_string())
+    write_text_atomically(folder / CARD_NAME, str(card))
     return folder
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: a damaged head file fails to load."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 # --- the model card --------------------------------------------------------------------------------------
@@ -375,37 +390,47 @@ def locate_artifact(
 
 
 def read_artifact(folder: str | Path) -> HeadArtifact:
-    """Read a head artifact folder; a folder without one gets a ValueError saying what it is instead."""
+    """Read a head artifact folder. A folder without one, or with a damaged file, gets a `ValueError` that
+    names the file, what is wrong with it, and what to do."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / HEAD_WEIGHTS_NAME
     if not config_path.is_file():
-        raise ValueError(
+        raise CopaValueError(
             f"{str(folder)!r} holds no CoPA head: it has no {CONFIG_NAME}. Save one with "
             "CopaModel.adapt(...).save_pretrained(folder)."
         )
     try:
         raw = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{str(config_path)!r} is not valid JSON: {err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _damaged(config_path, f"it is not valid JSON ({err})") from None
     metadata = raw.get(HEAD_CONFIG_KEY) if isinstance(raw, dict) else None
-    if raw.get("model_type") != CopaConfig.model_type or not isinstance(metadata, dict):
-        kind = "a CoPA backbone" if raw.get("model_type") == CopaConfig.model_type else "not a CoPA model"
-        raise ValueError(
+    if (
+        not isinstance(raw, dict)
+        or raw.get("model_type") != CopaConfig.model_type
+        or not isinstance(metadata, dict)
+    ):
+        copa = isinstance(raw, dict) and raw.get("model_type") == CopaConfig.model_type
+        kind = "a CoPA backbone" if copa else "not a CoPA model"
+        raise CopaValueError(
             f"{str(folder)!r} holds no CoPA head ({kind}: its {CONFIG_NAME} has no {HEAD_CONFIG_KEY!r} "
             "entry). Load a backbone with CopaModel.from_pretrained, or pass the folder / repo of a head "
             "saved by CopaForFewShotClassification.save_pretrained / push_to_hub."
         )
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{str(folder)!r} holds a CoPA head of format {metadata['format_version']}, newer than this "
-            f"hf_copa reads ({FORMAT_VERSION}); upgrade hf_copa."
+    version = metadata.get("format_version", 0)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CopaValueError(
+            f"{str(folder)!r} holds a CoPA head of format {version}, newer than this hf_copa reads "
+            f"({FORMAT_VERSION}); upgrade hf_copa."
         )
+    _check_metadata(metadata, config_path)
     if not weights_path.is_file():
-        raise ValueError(f"{str(folder)!r} has a CoPA head config but no {HEAD_WEIGHTS_NAME}.")
-    with safe_open(str(weights_path), framework="pt") as stored:
-        tensors = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118
+        raise CopaValueError(
+            f"{str(folder)!r} has a CoPA head config but no {HEAD_WEIGHTS_NAME}; re-save the head, or "
+            "re-download it (all of its files)."
+        )
+    tensors = _read_head_tensors(weights_path)
     if "prototypes" not in tensors:
-        raise ValueError(f"{str(weights_path)!r} holds no 'prototypes' tensor; it is not a CoPA head.")
+        raise _damaged(weights_path, "it holds no 'prototypes' tensor")
     image = tensors.get("image_projection")
     prototype = image if metadata.get("tied_projections") else tensors.get("prototype_projection")
     adapters = {
@@ -415,22 +440,63 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     }
     missing = sorted(set(metadata.get("adapters", [])) - set(adapters))
     if missing:
-        raise ValueError(f"{str(weights_path)!r} lacks the adapters {missing} that its config lists.")
-    head = AdaptedHead(
-        tensors["prototypes"],
-        image,
-        prototype,
-        scale=metadata["scale"],
-        method=metadata["method"],
-        hyperparameters=metadata.get("hyperparameters"),
-        train_losses=metadata.get("train_losses", ()),
-        adapters=adapters,
-    )
+        raise _damaged(weights_path, f"it lacks the adapters {missing} that {CONFIG_NAME} lists")
+    try:
+        head = AdaptedHead(
+            tensors["prototypes"],
+            image,
+            prototype,
+            scale=metadata["scale"],
+            method=metadata["method"],
+            hyperparameters=metadata.get("hyperparameters"),
+            train_losses=metadata.get("train_losses", ()),
+            adapters=adapters,
+        )
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise _damaged(weights_path, f"its tensors do not form a head ({err})") from None
+    if head.prototypes.ndim != 2 or any(
+        t is not None and tuple(t.shape) != (head.feature_dim, head.feature_dim) for t in (image, prototype)
+    ):
+        raise _damaged(weights_path, "its tensors have shapes no head has")
     labels = metadata["labels"]
     if len(labels) != head.num_classes:
-        raise ValueError(f"{str(folder)!r}: {len(labels)} labels for a head of {head.num_classes} classes.")
+        raise _damaged(config_path, f"it lists {len(labels)} labels for a head of {head.num_classes} classes")
     config_dict = {k: v for k, v in raw.items() if k != HEAD_CONFIG_KEY}
-    return HeadArtifact(head, list(labels), metadata, CopaConfig.from_dict(config_dict), folder)
+    try:
+        config = CopaConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as err:
+        raise _damaged(config_path, f"its backbone configuration is invalid ({err})") from None
+    return HeadArtifact(head, list(labels), metadata, config, folder)
+
+
+_REQUIRED_METADATA = {"labels": list, "method": str, "scale": (int, float)}
+
+
+def _check_metadata(metadata: Mapping[str, Any], config_path: Path) -> None:
+    for key, kind in _REQUIRED_METADATA.items():
+        if key not in metadata:
+            raise _damaged(config_path, f"its {HEAD_CONFIG_KEY!r} entry lacks {key!r}")
+        if not isinstance(metadata[key], kind) or isinstance(metadata[key], bool):
+            raise _damaged(config_path, f"its {HEAD_CONFIG_KEY}[{key!r}] is {metadata[key]!r}")
+
+
+def _read_head_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights_path), framework="pt") as stored:
+            tensors = {name: stored.get_tensor(name) for name in stored.keys()}  # noqa: SIM118
+            stored_checksum = (stored.metadata() or {}).get("sha256")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _damaged(weights_path, f"it cannot be read ({err})") from None
+    if stored_checksum is not None and stored_checksum != tensors_checksum(tensors):
+        raise _damaged(weights_path, "its contents do not match the checksum it was saved with")
+    return tensors
+
+
+def _damaged(path: Path, problem: str) -> CopaValueError:
+    return CopaValueError(
+        f"The head file {str(path)!r} is damaged: {problem}. Re-save the head (save_pretrained), or "
+        "re-download it (for a Hub repo: from_pretrained(..., force_download=True))."
+    )
 
 
 # --- pushing ---------------------------------------------------------------------------------------------

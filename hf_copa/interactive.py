@@ -9,15 +9,22 @@ testable without a browser:
   the embedding space before and after adaptation (`EmbeddingView`), with the prototype-image gap;
 - `embedding_figure`, `predictions_html` and `summary_markdown` present a `TaskResult`;
 - `push_classifier` uploads the adapted head with the user's own token;
-- `example_tasks` lists the bundled example tasks (real images, see `assets/examples/README.md`).
+- `example_tasks` lists the bundled example tasks (real images, see `assets/examples/README.md`);
+- `SessionUploads` keeps each session's uploaded files while it lasts and deletes them when it ends or
+  idles (the rule is `SessionUploads.describe()`).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
-from collections.abc import Hashable, Sequence
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,8 +169,8 @@ def load_image(path: str | Path, where: str, limits: TaskLimits = TaskLimits()) 
     label = f"{path.name!r} ({where})"
     if not path.is_file():
         raise TaskError(
-            f"The file {label} is no longer on the server (uploads are deleted after each run); "
-            "upload it again."
+            f"The file {label} is no longer on the server (uploads are deleted when a session ends or "
+            "idles); upload it again."
         )
     size = path.stat().st_size
     if size > limits.max_file_bytes:
@@ -634,3 +641,149 @@ def example_tasks() -> dict[str, ExampleTask]:
         title = f"{title}: {names}" if len(names) < 40 else f"{title} ({len(classes)} classes)"
         tasks[key] = ExampleTask(title, classes, queries)
     return tasks
+
+
+# --- a session's uploads ---------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    """Seconds for people: 1 hour, 1.5 hours, 30 minutes, 1 minute, 2 seconds, 0.5 seconds."""
+    for unit, scale in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds >= scale or unit == "second":
+            value = f"{seconds / scale:.1f}".removesuffix(".0")
+            return f"{value} {unit}" + ("" if value == "1" else "s")
+    raise AssertionError  # pragma: no cover
+
+
+@dataclass
+class _Session:
+    files: set[Path] = field(default_factory=set)
+    last_seen: float = 0.0
+
+
+class SessionUploads:
+    """Which uploaded files each session of the Space holds, and when they are deleted.
+
+    Every request of a session (`touch`) restarts its idle clock and lets it hold the uploads it names. Its
+    files are deleted when it ends (`end`: the page was closed or reloaded) or once `idle_seconds` pass
+    without a request from it (`sweep`, run every `check_seconds`), whichever comes first. An upload that no
+    session holds (e.g. sent to the API, never run) is deleted by `sweep` once `idle_seconds` have passed
+    since it was written. Gradio stores an upload under a salted hash of its content, so two sessions that
+    upload the same image share one file: it goes when the last of them ends or idles.
+
+    Only files inside `root` (gradio's upload folder) are ever deleted, and never those with the content of
+    a file in `keep` (the bundled examples, whose cached copies every session shares).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        idle_seconds: float,
+        keep: Iterable[str | Path] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not idle_seconds > 0:
+            raise ValueError(f"idle_seconds must be positive, got {idle_seconds!r}")
+        self.root = Path(root).resolve()
+        self.idle_seconds = float(idle_seconds)
+        self.check_seconds = min(60.0, max(0.5, self.idle_seconds / 4))
+        self._keep = {(Path(p).stat().st_size, _digest(Path(p))) for p in keep}
+        self._clock = clock
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        """The rule, as the Space states it to its users."""
+        idle = duration(self.idle_seconds)
+        return (
+            "Your uploaded images stay on the server while your session lasts, so that you can rerun with "
+            "another method without uploading them again. They are deleted when you close or reload the page "
+            f"(or its connection to the server drops), or once {idle} passes without a request from you (an "
+            "upload, a run or a push), whichever comes first; an upload that no session holds is deleted "
+            f"{idle} after it arrived. The idle time is checked every {self.check_seconds:g} seconds; the "
+            "bundled examples stay."
+        )
+
+    def _is_upload(self, path: Path) -> bool:
+        """A file in the upload folder that is not a copy of a bundled example."""
+        if self.root not in path.parents or not path.is_file():
+            return False
+        if self._keep:
+            with suppress(OSError):
+                size = path.stat().st_size
+                if any(size == kept_size for kept_size, _ in self._keep):
+                    return (size, _digest(path)) not in self._keep
+        return True
+
+    def touch(self, session: str | None, paths: Iterable[str | Path] = ()) -> None:
+        """A request from `session`: its idle clock restarts, and it holds those of `paths` that are uploads
+        (in `root`, not bundled examples)."""
+        if not session:
+            return
+        files = {Path(p).resolve() for p in paths}
+        files = {p for p in files if self._is_upload(p)}
+        with self._lock:
+            state = self._sessions.setdefault(session, _Session())
+            state.files |= files
+            state.last_seen = self._clock()
+
+    def holds(self, session: str) -> frozenset[Path]:
+        with self._lock:
+            state = self._sessions.get(session)
+            return frozenset(state.files) if state else frozenset()
+
+    @property
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def end(self, session: str | None) -> list[Path]:
+        """The session is over: delete the files it held that no other session holds. Returns them."""
+        with self._lock:
+            state = self._sessions.pop(session, None) if session else None
+            if state is None:
+                return []
+            held = set().union(*(other.files for other in self._sessions.values()))
+            return self._delete(state.files - held)
+
+    def sweep(self, uploaded: Iterable[str | Path] = ()) -> list[Path]:
+        """End the sessions idle for `idle_seconds`, then delete those of `uploaded` (the files gradio
+        received) that no session holds and that were written `idle_seconds` ago or earlier."""
+        now = self._clock()
+        with self._lock:
+            idle = [s for s, state in self._sessions.items() if now - state.last_seen >= self.idle_seconds]
+        deleted = [path for session in idle for path in self.end(session)]
+        with self._lock:
+            held = set().union(*(state.files for state in self._sessions.values()))
+            orphans = []
+            for path in {Path(p).resolve() for p in uploaded} - held:
+                with suppress(OSError):
+                    info = path.stat()
+                    if now - info.st_mtime >= self.idle_seconds and self._is_upload(path):
+                        orphans.append(path)
+            return deleted + self._delete(set(orphans))
+
+    def close(self, uploaded: Iterable[str | Path] = ()) -> list[Path]:
+        """The server stops: delete every session's files and every upload in `uploaded`."""
+        with self._lock:
+            files = set().union(*(state.files for state in self._sessions.values()))
+            self._sessions.clear()
+            files |= {p for p in (Path(u).resolve() for u in uploaded) if self._is_upload(p)}
+            return self._delete(files)
+
+    def _delete(self, paths: set[Path]) -> list[Path]:
+        deleted = []
+        for path in sorted(paths):
+            if self.root not in path.parents:
+                continue
+            with suppress(FileNotFoundError):
+                path.unlink()
+                deleted.append(path)
+            if path.parent != self.root:  # gradio's per-upload folder, now empty
+                with suppress(OSError):
+                    os.rmdir(path.parent)
+        return deleted
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
@@ -23,10 +24,11 @@ from transformers.utils import ModelOutput
 from . import heads
 from .adaptation import adapt_to_task
 from .adapters import adapted_conv, check_adapters
-from .bundled import bundled_model_path
 from .configuration_copa import CopaConfig
 from .frozen import frozen_backbone
 from .heads import AdaptedHead
+from .model_sources import check_backbone_config, check_loading_info, resolve_model_source
+from .quiet import quiet_transformers
 from .validation import CopaTypeError, CopaValueError, class_order
 
 FEATURE_BATCH_SIZE = 64
@@ -134,17 +136,41 @@ class CopaModel(CopaPreTrainedModel):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any
     ) -> CopaModel:
-        """As `PreTrainedModel.from_pretrained`, also recording the Hub commit the weights came from
-        (`hub_revision`; None for a local folder), which adapted heads pin as their base revision."""
-        bundled = bundled_model_path(pretrained_model_name_or_path)
-        if bundled is not None:  # the default that ships with hf_copa: keep its name, not the install path
-            model = super().from_pretrained(bundled, *args, **kwargs)
-            model.config._name_or_path = pretrained_model_name_or_path
-            model.hub_revision = None
-            return model
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.hub_revision = _resolved_commit(pretrained_model_name_or_path, kwargs)
-        return model
+        """As `PreTrainedModel.from_pretrained`, but refusing what is not a complete CoPA backbone, and
+        recording the Hub commit the weights came from (`hub_revision`; None for a local folder), which
+        adapted heads pin as their base revision.
+
+        A folder that does not exist, holds another model type, an adapted head, or no weights, and a
+        checkpoint with missing, unexpected or wrongly shaped weights, each raise a `ValueError` that names
+        what was found (transformers would instead build a partly random model). `hf_copa.DEFAULT_MODEL`
+        (and its folder) load the bundled default and keep its name.
+        """
+        source = resolve_model_source(pretrained_model_name_or_path)
+        wants_info = kwargs.pop("output_loading_info", False)
+        if not source.is_local and "config" not in kwargs:
+            try:
+                config, _ = PreTrainedConfig.get_config_dict(source.load_from, **_hub_kwargs(kwargs))
+            except OSError as err:
+                raise OSError(
+                    f"{source.load_from!r} is not a local folder, and no Hub repo of that name could be "
+                    f"loaded: {err}"
+                ) from err
+            check_backbone_config(config, f"The Hub repo {source.load_from!r}")
+        where = f"{source.name!r}"
+        with quiet_transformers():
+            try:
+                model, info = super().from_pretrained(
+                    source.load_from, *args, output_loading_info=True, **kwargs
+                )
+            except SafetensorError as err:
+                raise CopaValueError(
+                    f"The weights of {where} cannot be read ({err}): the file is damaged or incomplete; "
+                    "re-download or re-save the model."
+                ) from None
+        check_loading_info(info, where)
+        model.config._name_or_path = source.name
+        model.hub_revision = None if source.is_local else _resolved_commit(source.load_from, kwargs)
+        return (model, info) if wants_info else model
 
     def forward(
         self, pixel_values: torch.Tensor, adapters: Mapping[str, torch.Tensor] | None = None, **kwargs: Any
@@ -268,14 +294,20 @@ class CopaModel(CopaPreTrainedModel):
         )
 
 
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: kwargs[k]
+        for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only")
+        if k in kwargs
+    }
+
+
 def _resolved_commit(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
     """The commit hash behind a Hub id's cached config (transformers 5 keeps none on the config)."""
-    if Path(name_or_path).exists():
-        return None
     from transformers.utils.hub import cached_file, extract_commit_hash
 
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder") if k in kwargs}
-    resolved = cached_file(str(name_or_path), "config.json", local_files_only=True, **hub_kwargs)
+    hub_kwargs = {**_hub_kwargs(kwargs), "local_files_only": True}
+    resolved = cached_file(str(name_or_path), "config.json", **hub_kwargs)
     return extract_commit_hash(resolved, None)
 
 

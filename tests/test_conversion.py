@@ -49,7 +49,10 @@ def checkpoint(checkpoint_bytes: bytes) -> dict:
 
 @pytest.fixture(scope="module")
 def converted(checkpoint_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_url_checkpoint(checkpoint_path, tmp_path_factory.mktemp("conversion") / "copa-url")
+    """Converted as URL trained it (stem padding 2): what url_backbone_embeddings.npz was made with."""
+    return convert_url_checkpoint(
+        checkpoint_path, tmp_path_factory.mktemp("conversion") / "copa-url", stem_padding=2
+    )
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,7 +92,7 @@ def test_model_card_has_its_sections_and_the_checkpoint_provenance(converted: Pa
     for section in ("## Architecture", "## Input contract", "## Training data", "## Usage", "## Licence"):
         assert section in text
     assert all(domain in text for domain in URL_TRAINING_DOMAINS)
-    assert "84×84" in text and "[-1, 1]" in text and "padding 2" in text
+    assert "84×84" in text and "[-1, 1]" in text and "padding 2" in text and "Why padding 2" in text
     assert "512×6×6" in text  # the feature map of an 84x84 input
     assert "MIT" in text and "URL authors" in text
     assert "- Training step (`epoch` in the checkpoint): 240000" in text
@@ -123,8 +126,8 @@ def test_keep_domain_classifiers_stores_the_eight_heads_beside_the_backbone(
     assert "712, 883, 70, 140, 33, 241, 994, 71 outputs" in (folder / "README.md").read_text()
     assert type(hf_copa.CopaModel.from_pretrained(folder)) is hf_copa.CopaModel
 
-    # Re-converting without the heads into the same folder removes the now-stale heads file.
-    convert_url_checkpoint(checkpoint_path, folder)
+    # Re-converting without the heads into the same folder (asked for) removes the now-stale heads file.
+    convert_url_checkpoint(checkpoint_path, folder, overwrite=True)
     assert {path.name for path in folder.iterdir()} == FOLDER_FILES
     assert json.loads((folder / "config.json").read_text())["domain_classifier_sizes"] is None
     with pytest.raises(ValueError, match="no domain classifiers"):
@@ -164,6 +167,37 @@ def _bad_checkpoints(checkpoint_path: Path, checkpoint_bytes: bytes, checkpoint:
             r"conv1\.weight is \(64, 3, 3, 3\), expected \(64, 3, 5, 5\)",
         ),
     }
+
+
+def test_the_default_conversion_has_the_stem_padding_of_the_official_test_scripts(checkpoint_path, tmp_path):
+    folder = convert_url_checkpoint(checkpoint_path, tmp_path / "default")
+    assert hf_copa.CopaConfig.from_pretrained(folder).stem_padding == 1
+    card = (folder / "README.md").read_text()
+    assert "padding 1" in card and "Why padding 1" in card and "test_extractor_pa.py" in card
+    with pytest.raises(ValueError, match="stem_padding must be 1 or 2"):
+        convert_url_checkpoint(checkpoint_path, tmp_path / "bad", stem_padding=3)
+
+
+def test_a_non_empty_output_folder_is_refused_and_overwrite_replaces_only_the_converters_files(
+    checkpoint_path, tmp_path, capsys
+):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "domain_classifiers.safetensors").write_bytes(b"not the converter's")
+    (folder / "keep.txt").write_text("unrelated")
+    assert main(["convert", str(checkpoint_path), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "README.md" in err and "--overwrite" in err
+    assert (folder / "README.md").read_text() == "my notes" and len(list(folder.iterdir())) == 3
+
+    assert main(["convert", str(checkpoint_path), str(folder), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote " in out and "config.json" in out and "keep.txt" not in out
+    assert "removed domain_classifiers.safetensors" in out  # it would contradict config.json
+    assert (folder / "keep.txt").read_text() == "unrelated"
+    assert not (folder / "domain_classifiers.safetensors").exists()
+    assert (folder / "README.md").read_text() != "my notes"
 
 
 def test_bad_checkpoints_raise_value_errors_that_name_the_problem_and_write_nothing(

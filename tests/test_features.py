@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from hf_copa import CopaConfig, CopaImageProcessor, CopaModel
-from hf_copa import features as features_module
 from hf_copa.features import (
     CorruptFeatureCacheWarning,
     default_cache_dir,
@@ -289,7 +288,7 @@ def test_interrupted_write_leaves_no_entry(model, dataset, tmp_path, monkeypatch
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(features_module, "save_file", interrupted_save)
+    monkeypatch.setattr("safetensors.torch.save_file", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         extract(model, dataset, cache_dir=tmp_path)
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.tmp"))

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from hf_copa import CopaConfig, CopaModel, get_learner
-from hf_copa.conversion import load_url_backbone
+from hf_copa.conversion import convert_url_checkpoint
 from tests.support.official import official_copa_tsa, official_tsa
 
 EPISODES = (0, 1)
@@ -37,10 +37,13 @@ COPA_TSA_DEFAULT_BOUND = 0.025
 
 
 @pytest.fixture(scope="module")
-def reference_backbone(reference_dir) -> CopaModel:
-    """The reference checkpoint's backbone as the TSA references used it: the stem has padding 1 there
-    (URL's models/resnet18.py), not the 2 of the embedding reference (models/resnet18_mdl.py)."""
-    return load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz", stem_padding=1)
+def reference_backbone(reference_dir, tmp_path_factory) -> CopaModel:
+    """The reference checkpoint as `hf-copa convert` converts it by default: stem padding 1, as URL's
+    models/resnet18.py, which every official test script (and these references) used."""
+    folder = convert_url_checkpoint(
+        reference_dir / "url_checkpoint.pth.tar.xz", tmp_path_factory.mktemp("converted") / "copa-url"
+    )
+    return CopaModel.from_pretrained(folder).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The Space (spaces/copa-few-shot): its logic (hf_copa.interactive), and the app itself, started with
-`python spaces/copa-few-shot/app.py` on 127.0.0.1 and driven with gradio_client on real images."""
+`python spaces/copa-few-shot/app.py` on 127.0.0.1 and driven with gradio_client on real images: results,
+bad inputs, the Hub push, and the lifetime of a session's uploads (kept for reruns, deleted when the session
+ends or idles, never another session's)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 import hf_copa
 from hf_copa.interactive import (
+    SessionUploads,
     TaskError,
     TaskLimits,
     build_task,
@@ -44,6 +48,8 @@ APP = REPO_ROOT / "spaces" / "copa-few-shot" / "app.py"
 STARTUP_LIMIT_S = 240  # only bounds a hung start; a healthy one takes seconds
 CLASSES = ("airplane", "cat", "ship")  # CIFAR-10 test images: real photos
 SHOTS, QUERIES_PER_CLASS = 4, 2
+IDLE_SECONDS = 8  # the idle time of the second app process, which tests that rule
+SESSION_END_LIMIT_S = 30  # only bounds a wait; unload fires within a heartbeat (0.5 s here) of a close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -67,9 +73,26 @@ class RunningSpace:
     def holds(self, paths) -> list[Path]:
         """The copies of these files that gradio's upload cache still holds (uploads keep their file name)."""
         names = {Path(path).name for path in paths}
-        if not self.upload_dir.exists():
-            return []
-        return [p for p in self.upload_dir.rglob("*") if p.is_file() and p.name in names]
+        found = []
+        for folder, _, files in os.walk(
+            self.upload_dir
+        ):  # (a folder the server deletes meanwhile is skipped)
+            found += [Path(folder) / name for name in files if name in names]
+        return [path for path in found if path.is_file()]
+
+    def copies(self, paths) -> list[Path]:
+        """The server's copy of each of these files (one each: gradio names an upload by its content)."""
+        found = {p.name: p for p in self.holds(paths)}
+        assert len(found) == len(self.holds(paths)) and set(found) == {Path(p).name for p in paths}
+        return [found[Path(p).name] for p in paths]
+
+    def wait_until_gone(self, paths, limit_s: float = SESSION_END_LIMIT_S) -> float:
+        """Seconds until the server holds none of these files (fails after `limit_s`)."""
+        start = time.monotonic()
+        while self.holds(paths):
+            assert time.monotonic() - start < limit_s, f"still on the server: {self.holds(paths)}"
+            time.sleep(0.1)
+        return time.monotonic() - start
 
 
 class SpaceProcess:
@@ -78,14 +101,18 @@ class SpaceProcess:
     Starting returns at once (the app imports torch and gradio meanwhile); `serving()` waits for its URL.
     """
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, idle_seconds: float | None = None):
         self.upload_dir = workdir / "gradio-uploads"
         env = dict(os.environ if env is None else env)
         env.pop("MODEL_ID", None)
         env.pop("GRADIO_SERVER_NAME", None)  # the default must be 127.0.0.1
+        env.pop("COPA_SPACE_IDLE_SECONDS", None)  # the default (1 hour), unless set here
+        if idle_seconds is not None:
+            env["COPA_SPACE_IDLE_SECONDS"] = str(idle_seconds)
         env.update(
             GRADIO_TEMP_DIR=str(self.upload_dir),
             GRADIO_ANALYTICS_ENABLED="False",
+            GRADIO_HEARTBEAT_INTERVAL="0.5",  # a closed client is noticed within 0.5 s (default 15 s)
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
@@ -202,11 +229,26 @@ def hub(request, tmp_path_factory) -> LocalHub:
     return shared_space(request, tmp_path_factory)[1]
 
 
-@pytest.fixture
-def client(space):
-    """A fresh gradio_client session (its own state) per test."""
+def new_client(space: RunningSpace):
+    """A gradio_client session of its own (its own state and uploads, ended by `close()`)."""
     gradio_client = require_module("gradio_client")
     return gradio_client.Client(space.url, verbose=False, download_files=False)
+
+
+@pytest.fixture
+def client(space):
+    """A fresh gradio_client session per test, ended (its uploads deleted) after it."""
+    client = new_client(space)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def idle_space(tmp_path_factory):
+    """A second app process whose sessions' uploads are deleted after IDLE_SECONDS without a request."""
+    process = SpaceProcess(tmp_path_factory.mktemp("idle-space"), idle_seconds=IDLE_SECONDS)
+    yield process.serving()
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -215,25 +257,51 @@ def model():
 
 
 def gallery(paths) -> list[dict]:
+    """Local files, which gradio_client uploads."""
     from gradio_client import handle_file
 
     return [{"image": handle_file(str(path)), "caption": None} for path in paths]
 
 
-OUTPUTS = ("status", "html", "plot", "json", *(f"class_{i}_images" for i in range(1, 6)), "query_images")
+def server_gallery(paths) -> list[dict]:
+    """Files already on the server, as the page sends a gallery's images back: gradio_client uploads only
+    file objects marked with its "meta", so these are sent as they are, not uploaded again."""
+    return [{"image": {"path": str(path)}, "caption": None} for path in paths]
+
+
+def unique_images(folder: Path, count: int, seed: int, prefix: str = "img") -> list[Path]:
+    """Images whose content no other test uploads (the server shares one file per content)."""
+    generator = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels = generator.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        paths.append(folder / f"{prefix}_{seed}_{index}.png")
+        PIL.Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+GALLERIES = (*(f"class_{i}_images" for i in range(1, 6)), "query_images")
+OUTPUTS = ("status", "html", "plot", "json", *GALLERIES)
+UNCHANGED = {"__type__": "update"}  # gr.skip(): the gallery keeps what it shows
 
 
 def classify(
-    client, classes: list[tuple[str, list[Path]]], queries: list[Path], method: str = "copa"
+    client, classes: list[tuple[str, list[Path]]], queries: list[Path], method: str = "copa", as_files=gallery
 ) -> dict:
     """Call the app's /classify endpoint by parameter name; the outputs by name."""
     arguments = {}
     for index in range(1, 6):
         name, paths = classes[index - 1] if index <= len(classes) else ("", [])
         arguments[f"class_{index}_name"] = name
-        arguments[f"class_{index}_images"] = gallery(paths)
-    outputs = client.predict(**arguments, query_images=gallery(queries), method=method, api_name="/classify")
+        arguments[f"class_{index}_images"] = as_files(paths)
+    outputs = client.predict(**arguments, query_images=as_files(queries), method=method, api_name="/classify")
     return dict(zip(OUTPUTS, outputs, strict=True))
+
+
+def on_server(space: RunningSpace, classes, queries) -> tuple[list, list]:
+    """The same task, named by the server's copies of its files."""
+    return [(name, space.copies(paths)) for name, paths in classes], space.copies(queries)
 
 
 def decoded_plot(plot: dict) -> PIL.Image.Image:
@@ -455,38 +523,129 @@ def test_the_queue_is_on_and_one_adaptation_runs_at_a_time(app_module):
     assert app_module.LIMITS.max_file_bytes == TaskLimits().max_file_bytes  # also passed to launch()
 
 
-def test_delete_uploads_removes_only_user_files_in_the_upload_folder(app_module, tmp_path, monkeypatch):
-    uploads = tmp_path / "uploads"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
-    (uploads / "h1").mkdir(parents=True)
-    user_file = png(uploads / "h1" / "mine.png")
+@dataclass
+class FakeRequest:  # what the handlers read of gr.Request
+    session_hash: str
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def uploaded_files(root: Path, count: int, seed: int) -> list[Path]:
+    """Files laid out as gradio stores uploads: one folder per file under the upload folder."""
+    paths = []
+    for index, path in enumerate(unique_images(root / "staging", count, seed)):
+        folder = root / f"{seed}-{index}"
+        folder.mkdir(parents=True)
+        paths.append(path.rename(folder / path.name))
+    (root / "staging").rmdir()
+    return paths
+
+
+def test_a_session_holds_only_uploads_and_ending_it_deletes_them(tmp_path):
+    root = tmp_path / "uploads"
+    mine = uploaded_files(root, 2, seed=1)
     example = next(iter(example_tasks().values())).queries[0]
-    (uploads / "h2").mkdir()
-    cached_example = uploads / "h2" / example.name
+    (root / "example").mkdir()
+    cached_example = root / "example" / example.name  # gradio's cached copy of a bundled example
     cached_example.write_bytes(example.read_bytes())
     outside = png(tmp_path / "elsewhere.png")
-    deleted = app_module.delete_uploads([str(user_file), str(cached_example), str(outside), str(uploads)])
-    assert deleted == 1
-    assert not user_file.exists() and not (uploads / "h1").exists()
-    assert cached_example.exists() and outside.exists()
+    uploads = SessionUploads(root, 3600, keep=[example])
+    uploads.touch("a", [*mine, cached_example, outside, root, root / "missing.png"])
+    assert uploads.holds("a") == {path.resolve() for path in mine}
+    uploads.touch(None, [outside])  # no session (not a request): nothing held
+    assert uploads.sessions == ["a"]
+    assert sorted(uploads.end("a")) == sorted(path.resolve() for path in mine)
+    assert not any(path.exists() for path in mine) and not any(path.parent.exists() for path in mine)
+    assert cached_example.exists() and outside.exists() and root.is_dir()
+    assert uploads.end("a") == [] and uploads.sessions == []
 
 
-def test_a_server_error_is_a_message_and_the_uploads_are_still_deleted(
+def test_a_file_two_sessions_hold_goes_when_the_last_one_ends(tmp_path):
+    root = tmp_path / "uploads"
+    shared, only_a, only_b = uploaded_files(root, 3, seed=2)
+    uploads = SessionUploads(root, 3600)
+    uploads.touch("a", [shared, only_a])
+    uploads.touch("b", [shared, only_b])
+    assert uploads.end("a") == [only_a.resolve()]
+    assert shared.exists() and only_b.exists() and not only_a.exists()
+    assert sorted(uploads.end("b")) == sorted([shared.resolve(), only_b.resolve()])
+    assert not shared.exists() and not only_b.exists()
+
+
+def test_the_idle_rule_ends_a_session_after_its_last_request_and_drops_unheld_uploads(tmp_path):
+    root = tmp_path / "uploads"
+    held, orphan, fresh_orphan = uploaded_files(root, 3, seed=3)
+    clock = Clock()
+    os.utime(orphan, (clock.now - 5, clock.now - 5))  # written 5 s before the others
+    uploads = SessionUploads(root, 10, clock=clock)
+    uploads.touch("a", [held])
+    everything = [held, orphan, fresh_orphan]
+    clock.now += 9
+    assert uploads.sweep(everything) == [orphan.resolve()]  # 14 s old; the session is 9 s idle
+    assert held.exists() and fresh_orphan.exists()
+    uploads.touch("a")  # a request without files restarts the idle clock too
+    clock.now += 9.5
+    assert uploads.sweep(everything) == [fresh_orphan.resolve()]  # 18.5 s old
+    assert uploads.sessions == ["a"] and held.exists()
+    clock.now += 0.5  # 10 s after the session's last request
+    assert uploads.sweep(everything) == [held.resolve()]
+    assert uploads.sessions == [] and not held.exists()
+
+
+def test_closing_deletes_every_upload(tmp_path):
+    root = tmp_path / "uploads"
+    held, orphan = uploaded_files(root, 2, seed=4)
+    uploads = SessionUploads(root, 3600)
+    uploads.touch("a", [held])
+    assert sorted(uploads.close([orphan])) == sorted([held.resolve(), orphan.resolve()])
+    assert uploads.sessions == [] and not held.exists() and not orphan.exists()
+
+
+def test_the_rule_is_stated_the_same_in_the_page_and_the_readme(app_module):
+    from hf_copa.interactive import duration
+
+    assert [duration(x) for x in (3600, 5400, 60, 1, 0.5, 2)] == [
+        "1 hour",
+        "1.5 hours",
+        "1 minute",
+        "1 second",
+        "0.5 seconds",
+        "2 seconds",
+    ]
+    rule = app_module.UPLOADS.describe()
+    assert app_module.UPLOADS.idle_seconds == 3600 and "once 1 hour passes without a request" in rule
+    assert rule in app_module.intro(app_module.UPLOADS)
+    readme = " ".join((APP.parent / "README.md").read_text().split())
+    assert rule in readme
+    for old_promise in ("deleted from the server when a run ends", "when the run ends", "in seconds"):
+        assert old_promise not in readme and old_promise not in rule
+    with pytest.raises(ValueError, match="positive"):
+        SessionUploads(APP.parent, 0)
+
+
+def handlers(app_module, root: Path) -> tuple[SessionUploads, object]:
+    uploads = SessionUploads(root, 3600, keep=app_module.EXAMPLE_FILES)
+    return uploads, app_module.classify_fn(uploads)
+
+
+def test_a_server_error_is_a_message_and_the_session_keeps_its_uploads(
     app_module, tmp_path, monkeypatch, caplog
 ):
-    uploads = tmp_path / "uploads"
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
-    files = []
-    for index, colour in enumerate([(1, 2, 3), (4, 5, 6), (7, 8, 9)]):
-        (uploads / str(index)).mkdir(parents=True)
-        files.append(png(uploads / str(index) / f"{index}.png", colour=colour))
+    uploads, classify_handler = handlers(app_module, tmp_path / "uploads")
+    files = uploaded_files(tmp_path / "uploads", 3, seed=5)
 
     def broken(*args, **kwargs):
         raise RuntimeError("an internal detail")
 
     monkeypatch.setattr(app_module, "run_task", broken)
     empty_slots = ["", None] * 3
-    out = app_module.classify(
+    out = classify_handler(
         "a",
         [(str(files[0]), None)],
         "b",
@@ -494,12 +653,29 @@ def test_a_server_error_is_a_message_and_the_uploads_are_still_deleted(
         *empty_slots,
         [(str(files[2]), None)],
         "copa",
+        FakeRequest("s1"),
     )
     assert out[0].startswith("⚠️ Something went wrong on the server") and "internal detail" not in out[0]
     assert out[1:5] == ("", None, None, None)  # no stale results, no head to push
     assert "classification failed" in caplog.text and "internal detail" in caplog.text  # logged for us
-    assert not any(path.exists() for path in files)
-    assert out[5:] == (None, None, app_module.gr.skip(), app_module.gr.skip(), app_module.gr.skip(), None)
+    assert all(path.exists() for path in files) and uploads.holds("s1") == {p.resolve() for p in files}
+    assert out[5:] == (app_module.gr.skip(),) * 6  # every gallery keeps its images, for another run
+
+
+def test_a_gallery_whose_files_have_gone_is_emptied(app_module, tmp_path):
+    uploads, classify_handler = handlers(app_module, tmp_path / "uploads")
+    a, b, q = uploaded_files(tmp_path / "uploads", 3, seed=6)
+    q.unlink()  # e.g. deleted by the idle rule while the page stayed open
+    empty_slots = ["", None] * 3
+    out = classify_handler(
+        "a", [(str(a), None)], "b", [(str(b), None)], *empty_slots, [(str(q), None)], "ncc", FakeRequest("s1")
+    )
+    assert (
+        out[0].startswith("⚠️ The file")
+        and "no longer on the server" in out[0]
+        and "upload it again" in out[0]
+    )
+    assert out[5:] == (app_module.gr.skip(),) * 5 + (None,)
 
 
 def test_load_example_fills_every_slot(app_module):
@@ -560,11 +736,10 @@ def test_classifies_real_images(client, space, real_task, model, method):
     figure = decoded_plot(out["plot"])
     assert figure.width > figure.height > 300
 
-    # Nothing uploaded is kept: the files are gone and the galleries are cleared.
-    assert space.holds(paths + real_task.queries) == []
-    assert "were deleted from the server" in out["status"]
-    cleared = ("class_1_images", "class_2_images", "class_3_images", "query_images")
-    assert [out[name] for name in cleared] == [[]] * 4
+    # The session keeps its uploads for another run: on the server, and in the galleries (left as they are).
+    assert len(space.copies(paths + real_task.queries)) == len(paths) + len(real_task.queries)
+    assert "deleted" not in out["status"]
+    assert [out[name] for name in GALLERIES] == [UNCHANGED] * len(GALLERIES)
 
 
 def test_bundled_examples_run_and_stay_available(client, space):
@@ -572,10 +747,12 @@ def test_bundled_examples_run_and_stay_available(client, space):
     classes, queries = [(name, paths[:2]) for name, paths in task.classes], task.queries[:2]
     out = classify(client, classes, queries, "ncc")
     assert len(out["json"]["predictions"]) == len(queries)
-    assert "deleted" not in out["status"]  # nothing a user uploaded; other sessions share these copies
     examples = [p for _, paths in classes for p in paths] + queries
     assert len(space.holds(examples)) == len(examples)
-    assert all(out[name] == {"__type__": "update"} for name in OUTPUTS[4:])  # galleries left as they are
+    assert all(out[name] == UNCHANGED for name in GALLERIES)  # galleries left as they are
+    client.close()  # the session ends: the examples stay, as other sessions share these copies
+    time.sleep(2)  # (unload fires within a heartbeat, 0.5 s here)
+    assert len(space.holds(examples)) == len(examples)
 
 
 @pytest.mark.parametrize(
@@ -610,7 +787,8 @@ def test_bad_inputs_give_a_message_not_a_traceback(client, space, real_task, tmp
     assert "Traceback" not in out["status"]
     assert out["json"] is None and out["html"] == "" and out["plot"] is None
     uploaded = [p for _, paths in classes for p in paths] + queries
-    assert space.holds(uploaded) == []  # deleted whatever the outcome
+    assert len(space.copies(uploaded)) == len(uploaded)  # kept for the session, to fix the task and rerun
+    assert [out[name] for name in GALLERIES] == [UNCHANGED] * len(GALLERIES)
     assert not any("Traceback" in line for line in space.log)  # a user's mistake is not a server error
 
 
@@ -639,3 +817,111 @@ def test_push_to_hub_with_the_users_token(client, space, hub, real_task, model, 
     for got, want in zip(out["json"]["predictions"], pushed.predict(queries), strict=True):
         for item in want:
             assert got["probabilities"][item["label"]] == pytest.approx(item["score"], abs=1e-5)
+
+
+# --- the lifetime of a session's uploads, on the served app ----------------------------------------------
+
+
+def test_a_second_run_with_another_method_needs_no_new_upload(client, space, real_task, tmp_path):
+    """After a run the uploads stay on the server: a rerun names them there (as the page does), with
+    another method, after the local files are gone, so nothing can have been uploaded again."""
+    local = {name: [tmp_path / p.name for p in paths] for name, paths in real_task.support.items()}
+    for name, paths in real_task.support.items():
+        for source, copy in zip(paths, local[name], strict=True):
+            copy.write_bytes(source.read_bytes())
+    queries = [tmp_path / p.name for p in real_task.queries[:3]]
+    for source, copy in zip(real_task.queries, queries, strict=False):
+        copy.write_bytes(source.read_bytes())
+    classes = list(local.items())
+    first = classify(client, classes, queries, "copa")
+    assert first["json"]["method"] == "copa"
+    server_classes, server_queries = on_server(space, classes, queries)
+    for path in [*queries, *(p for _, ps in classes for p in ps)]:
+        path.unlink()
+    second = classify(client, server_classes, server_queries, "url", as_files=server_gallery)
+    assert second["status"].startswith("**url** adapted to **3 classes** from 12 support images")
+    assert [p["image"] for p in second["json"]["predictions"]] == [q.name for q in queries]
+    assert [second[name] for name in GALLERIES] == [UNCHANGED] * len(GALLERIES)
+
+
+def test_after_a_validation_error_the_uploads_are_there_to_fix_the_task(client, space, tmp_path):
+    classes = [("red", unique_images(tmp_path, 2, seed=11)), ("", unique_images(tmp_path, 2, seed=12))]
+    queries = unique_images(tmp_path, 1, seed=13)
+    out = classify(client, classes, queries)
+    assert out["status"] == "⚠️ Class 2 has 2 image(s) but no name: type a name for it."
+    assert [out[name] for name in GALLERIES] == [UNCHANGED] * len(GALLERIES)
+    server_classes, server_queries = on_server(space, classes, queries)  # still on the server
+    server_classes[1] = ("blue", server_classes[1][1])  # the user types the missing name, and reruns
+    fixed = classify(client, server_classes, server_queries, "ncc", as_files=server_gallery)
+    assert fixed["json"]["classes"] == ["blue", "red"] and len(fixed["json"]["predictions"]) == 1
+
+
+def test_ending_a_session_deletes_its_uploads_and_no_other_sessions(space, tmp_path):
+    """Two sessions, each with images of its own and one image both uploaded (the server keeps one file
+    for both). When one ends, its own images go; the other's, and the shared one, stay until it ends."""
+    shared = unique_images(tmp_path, 1, seed=21, prefix="shared")
+    own = {"a": unique_images(tmp_path, 3, seed=22), "b": unique_images(tmp_path, 3, seed=23)}
+    clients = {key: new_client(space) for key in own}
+    try:
+        for key, client in clients.items():
+            classes = [("x", [shared[0], own[key][0]]), ("y", [own[key][1]])]
+            out = classify(client, classes, [own[key][2]], "ncc")
+            assert out["json"]["classes"] == ["x", "y"], out["status"]
+        server_b = space.copies([*shared, *own["b"]])
+        assert len(space.copies([*shared, *own["a"], *own["b"]])) == 7
+        clients["a"].close()  # the page is closed: unload
+        took = space.wait_until_gone(own["a"])
+        assert len(space.copies([*shared, *own["b"]])) == 4, f"b's images went with a's ({took:.1f} s)"
+        out = classify(
+            clients["b"],
+            [("x", server_b[:2]), ("y", server_b[2:3])],
+            server_b[3:],
+            "url",
+            as_files=server_gallery,
+        )
+        assert out["json"]["method"] == "url" and len(out["json"]["predictions"]) == 1
+    finally:
+        for client in clients.values():
+            client.close()
+    space.wait_until_gone([*shared, *own["b"]])
+    # A new session starts empty: the page it loads shows no one's images.
+    import httpx
+
+    config = httpx.get(space.url + "/config", timeout=30).json()
+    galleries = [c for c in config["components"] if c.get("type") == "gallery"]
+    assert len(galleries) == 6 and all(not c["props"].get("value") for c in galleries)
+
+
+def test_a_session_idle_for_the_stated_time_loses_its_uploads(idle_space, tmp_path):
+    """The second app (idle time IDLE_SECONDS): a session that stays open but sends no request loses its
+    uploads; so does an upload no session holds. Its page states that idle time."""
+    import httpx
+
+    config = httpx.get(idle_space.url + "/config", timeout=30).json()
+    intro = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "copa-intro")
+    assert f"once {IDLE_SECONDS} seconds passes without a request" in intro["props"]["value"]
+    client = new_client(idle_space)
+    try:
+        classes = [("x", unique_images(tmp_path, 2, seed=31)), ("y", unique_images(tmp_path, 2, seed=32))]
+        queries = unique_images(tmp_path, 1, seed=33)
+        start = time.monotonic()  # the run's request (its last) comes after this
+        out = classify(client, classes, queries, "ncc")
+        ran = time.monotonic() - start
+        assert out["json"]["classes"] == ["x", "y"], out["status"]
+        files = [p for _, ps in classes for p in ps] + queries
+        server_classes, server_queries = on_server(idle_space, classes, queries)  # kept after the run
+        orphan = unique_images(tmp_path, 1, seed=34, prefix="orphan")[0]
+        with orphan.open("rb") as handle:  # an upload that no run ever uses
+            response = httpx.post(idle_space.url + "/gradio_api/upload", files={"files": handle}, timeout=30)
+        assert response.status_code == 200 and len(idle_space.copies([orphan])) == 1
+        idle_space.wait_until_gone(files, limit_s=IDLE_SECONDS * 3)
+        gone_after = time.monotonic() - start
+        assert client.heartbeat.is_alive()  # the session is still open: the idle rule did it
+        check_s = IDLE_SECONDS / 4  # how often the app applies it
+        assert IDLE_SECONDS <= gone_after <= ran + IDLE_SECONDS + check_s + 1, (ran, gone_after)
+        idle_space.wait_until_gone([orphan], limit_s=IDLE_SECONDS * 3)
+        out = classify(client, server_classes, server_queries, "ncc", as_files=server_gallery)
+        assert out["status"].startswith("⚠️") and "upload it again" in out["status"]
+        assert out["class_1_images"] == [] and out["query_images"] == []  # emptied, as the files went
+    finally:
+        client.close()

@@ -1,18 +1,20 @@
 """CoPA few-shot image classification, as a Gradio Space: name a few classes, upload a few images of each,
-and classify new images after adapting a frozen backbone with CoPA, URL or NCC.
+and classify new images after adapting a frozen backbone with CoPA, URL, NCC or TSA.
 
-The UI only: checking the task, adapting, the plot and the Hub upload live in `hf_copa.interactive`.
-Run locally with `python spaces/copa-few-shot/app.py`; `MODEL_ID` picks another backbone (Hub id or folder).
+The UI only: checking the task, adapting, the plot, the Hub upload and which uploads a session holds live in
+`hf_copa.interactive`. Run locally with `python spaces/copa-few-shot/app.py`; `MODEL_ID` picks another
+backbone (Hub id or folder), `COPA_SPACE_IDLE_SECONDS` the idle time after which a session's uploads are
+deleted (default 3600).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import os
 import tempfile
-from contextlib import suppress
+import threading
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import gradio as gr
 
 from hf_copa.bundled import DEFAULT_MODEL
 from hf_copa.interactive import (
+    SessionUploads,
     TaskError,
     TaskLimits,
     build_task,
@@ -42,15 +45,20 @@ MODEL = load_model(MODEL_ID)
 EXAMPLES = example_tasks()
 # Bundled example images are public, and every session that loads an example shares gradio's cached copy:
 # recognised by content, they are never deleted as uploads are.
-EXAMPLE_DIGESTS = {
-    hashlib.sha256(path.read_bytes()).hexdigest()
-    for task in EXAMPLES.values()
-    for path in [*(p for _, paths in task.classes for p in paths), *task.queries]
-}
+EXAMPLE_FILES = sorted(
+    {
+        path
+        for task in EXAMPLES.values()
+        for path in [*(p for _, ps in task.classes for p in ps), *task.queries]
+    }
+)
 EXAMPLE_ROOTS = sorted({str(path.parents[2]) for task in EXAMPLES.values() for path in task.queries})
-STATE_SECONDS = 3600  # how long a session's adapted head stays available for "Push"
+# How long a session may go without a request before its uploads (and its adapted head) are dropped.
+IDLE_SECONDS = float(os.environ.get("COPA_SPACE_IDLE_SECONDS") or 3600)
 
-INTRO = f"""
+
+def intro(uploads: SessionUploads) -> str:
+    return f"""
 # CoPA few-shot image classification
 
 Teach a classifier new classes from a handful of images. A frozen ResNet backbone (`{MODEL_ID}`) embeds the
@@ -61,9 +69,11 @@ adapters: often better on unfamiliar images, but the backbone then runs 40 times
 The plot shows that space before and after adaptation, and the gap between the mean image and the mean
 prototype that the paper studies.
 
-**Limits:** {LIMITS.describe()} Requests are queued. Uploaded images are deleted from the server when a
-run ends, whatever its outcome (the bundled examples stay).
+**Limits:** {LIMITS.describe()} Requests are queued and run one at a time.
+
+**Your uploads:** {uploads.describe()}
 """
+
 
 CSS = """
 #copa-classify { min-height: 52px; font-size: 1.1em; }
@@ -75,76 +85,99 @@ def upload_folder() -> Path:
     return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
-def delete_uploads(paths: list[str]) -> int:
-    """Delete uploaded files (never anything outside gradio's upload folder, nor bundled examples)."""
-    root, deleted = upload_folder(), 0
-    for raw in paths:
-        path = Path(raw).resolve()
-        if root not in path.parents or not path.is_file():
-            continue
-        with suppress(OSError):
-            if hashlib.sha256(path.read_bytes()).hexdigest() in EXAMPLE_DIGESTS:
-                continue
-            path.unlink()
-            deleted += 1
-            with suppress(OSError):
-                path.parent.rmdir()  # gradio's per-file folder, now empty
-    return deleted
-
-
 def gallery_paths(value: Any) -> list[str]:
     """A gallery's value (a list of (path, caption) pairs, or None) -> its file paths."""
     return [item[0] if isinstance(item, tuple | list) else item for item in value or []]
 
 
-def classify(*inputs: Any) -> tuple[Any, ...]:
-    """Check the task, adapt, classify; every outcome is a message in the page, never a traceback.
-
-    Inputs: (class name, class images) per class slot, then the query images and the method.
-    """
-    *slots, queries, method = inputs
-    names, galleries = slots[0::2], slots[1::2]
-    all_galleries = [*galleries, queries]
-    paths = [gallery_paths(g) for g in all_galleries]
-    results: tuple[Any, ...] = ("", None, None, None)  # predictions, plot, JSON, the head for "Push"
-    try:
-        task = build_task(list(zip(names, paths[:-1], strict=True)), paths[-1], LIMITS)
-        result = run_task(MODEL, task, method or "copa")
-        status = summary_markdown(result)
-        results = (predictions_html(result), embedding_figure(result), result.to_json(), result.classifier)
-    except TaskError as err:
-        status = f"⚠️ {err}"
-    except Exception:  # a bug, not the user's fault: say so without a traceback, and log it
-        logger.exception("classification failed")
-        status = "⚠️ Something went wrong on the server while classifying; please try again."
-    finally:
-        deleted = [delete_uploads(p) for p in paths]
-    if any(deleted):
-        status += f"\n\n_Your {sum(deleted)} uploaded image(s) were deleted from the server._"
-    return (status, *results, *(None if count else gr.skip() for count in deleted))
+def session_of(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 # Named parameters for API clients (gradio reads the signature): class_1_name, class_1_images, ..., method.
 API_PARAMETERS = [
     f"class_{index}_{part}" for index in range(1, LIMITS.max_classes + 1) for part in ("name", "images")
 ] + ["query_images", "method"]
-classify.__signature__ = inspect.Signature(
-    [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in API_PARAMETERS]
-)
 
 
-def push(classifier: Any, repo_id: str, token: str) -> str:
-    """Upload the head adapted in this session's last run, with the user's own token."""
-    if classifier is None:
-        return "⚠️ Classify first: the head that gets pushed is the one adapted in your last run."
-    try:
-        url = push_classifier(classifier, repo_id, token)
-    except TaskError as err:
-        return f"⚠️ {err}"
-    except Exception:
-        logger.exception("push failed")
-        return "⚠️ Something went wrong on the server while pushing; please try again."
-    return f"✅ Pushed the adapted head to [{repo_id.strip()}]({url})."
+def classify_fn(uploads: SessionUploads):
+    """The Classify handler: (class name, class images) per class slot, the query images, the method, and
+    (from gradio) the request, whose session then holds the uploads."""
+
+    def classify(*inputs: Any) -> tuple[Any, ...]:
+        """Check the task, adapt, classify; every outcome is a message in the page, never a traceback.
+        The galleries keep their images, for another run; only those whose files have gone are emptied."""
+        *slots, queries, method, request = inputs
+        names, galleries = slots[0::2], slots[1::2]
+        paths = [gallery_paths(g) for g in [*galleries, queries]]
+        uploads.touch(session_of(request), [p for group in paths for p in group])
+        results: tuple[Any, ...] = ("", None, None, None)  # predictions, plot, JSON, the head for "Push"
+        try:
+            task = build_task(list(zip(names, paths[:-1], strict=True)), paths[-1], LIMITS)
+            result = run_task(MODEL, task, method or "copa")
+            status = summary_markdown(result)
+            results = (
+                predictions_html(result),
+                embedding_figure(result),
+                result.to_json(),
+                result.classifier,
+            )
+        except TaskError as err:
+            status = f"⚠️ {err}"
+        except Exception:  # a bug, not the user's fault: say so without a traceback, and log it
+            logger.exception("classification failed")
+            status = "⚠️ Something went wrong on the server while classifying; please try again."
+        kept = [[p for p in group if Path(p).is_file()] for group in paths]
+        galleries_out = [
+            gr.skip() if len(k) == len(p) else (k or None) for k, p in zip(kept, paths, strict=True)
+        ]
+        return (status, *results, *galleries_out)
+
+    classify.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in API_PARAMETERS]
+        + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
+    )
+    classify.__annotations__ = {"request": gr.Request}
+    return classify
+
+
+def push_fn(uploads: SessionUploads):
+    def push(classifier: Any, repo_id: str, token: str, request: gr.Request) -> str:
+        """Upload the head adapted in this session's last run, with the user's own token."""
+        uploads.touch(session_of(request))
+        if classifier is None:
+            return "⚠️ Classify first: the head that gets pushed is the one adapted in your last run."
+        try:
+            url = push_classifier(classifier, repo_id, token)
+        except TaskError as err:
+            return f"⚠️ {err}"
+        except Exception:
+            logger.exception("push failed")
+            return "⚠️ Something went wrong on the server while pushing; please try again."
+        return f"✅ Pushed the adapted head to [{repo_id.strip()}]({url})."
+
+    push.__annotations__ = {"request": gr.Request}
+    return push
+
+
+def hold_fn(uploads: SessionUploads):
+    def hold(value: Any, request: gr.Request) -> None:
+        """A gallery received uploads: this session holds them from now on (deleted when it ends)."""
+        uploads.touch(session_of(request), gallery_paths(value))
+
+    hold.__annotations__ = {"request": gr.Request}
+    return hold
+
+
+def end_fn(uploads: SessionUploads):
+    def end(request: gr.Request) -> None:
+        """The page was closed or reloaded: its session's uploads are deleted now."""
+        deleted = uploads.end(session_of(request))
+        if deleted:
+            logger.info("session ended: deleted %d uploaded file(s)", len(deleted))
+
+    end.__annotations__ = {"request": gr.Request}
+    return end
 
 
 def load_example(key: str) -> tuple[Any, ...]:
@@ -179,11 +212,13 @@ def class_slot(index: int) -> list[gr.components.Component]:
     return [name, images]
 
 
-def build_demo() -> gr.Blocks:
-    with gr.Blocks(
-        title="CoPA few-shot classification", analytics_enabled=False, delete_cache=(600, 900)
-    ) as demo:
-        gr.Markdown(INTRO)
+def build_app(idle_seconds: float | None = None) -> tuple[gr.Blocks, SessionUploads]:
+    """The Space and the register of its sessions' uploads; `idle_seconds` defaults to IDLE_SECONDS."""
+    uploads = SessionUploads(
+        upload_folder(), IDLE_SECONDS if idle_seconds is None else idle_seconds, EXAMPLE_FILES
+    )
+    with gr.Blocks(title="CoPA few-shot classification", analytics_enabled=False) as demo:
+        gr.Markdown(intro(uploads), elem_id="copa-intro")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 gr.Markdown("### 1 · Classes: name each one and upload a few images of it")
@@ -229,7 +264,7 @@ def build_demo() -> gr.Blocks:
         plot = gr.Plot(label="Embedding space", show_label=False, format="png", elem_id="copa-plot")
         with gr.Accordion("Raw results (JSON)", open=False):
             raw = gr.JSON(label="Predictions, probabilities, timing and gap")
-        classifier_state = gr.State(time_to_live=STATE_SECONDS)
+        classifier_state = gr.State(time_to_live=uploads.idle_seconds)
         with gr.Accordion("Push the adapted classifier to the Hugging Face Hub (optional)", open=False):
             gr.Markdown(
                 "Uploads only the adapted head (prototypes and maps, a few MB at most) with its model card; "
@@ -244,7 +279,7 @@ def build_demo() -> gr.Blocks:
 
         galleries = [*slots[1::2], queries]
         classify_button.click(
-            classify,
+            classify_fn(uploads),
             inputs=[*slots, queries, method],
             outputs=[status, cards, plot, raw, classifier_state, *galleries],
             api_name="classify",
@@ -252,7 +287,7 @@ def build_demo() -> gr.Blocks:
             concurrency_id="adapt",
         )
         push_button.click(
-            push, inputs=[classifier_state, repo_id, token], outputs=push_status, api_name="push"
+            push_fn(uploads), inputs=[classifier_state, repo_id, token], outputs=push_status, api_name="push"
         )
         for key, button in example_buttons.items():
             button.click(
@@ -261,11 +296,48 @@ def build_demo() -> gr.Blocks:
                 api_visibility="private",
                 concurrency_limit=None,
             )
-    return demo
+        for gallery in galleries:  # the session holds what it uploads at once, not only once it runs
+            gallery.upload(
+                hold_fn(uploads),
+                inputs=gallery,
+                outputs=None,
+                queue=False,
+                show_progress="hidden",
+                api_visibility="private",
+            )
+        demo.unload(end_fn(uploads))
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    return demo, uploads
 
 
-demo = build_demo()
-demo.queue(max_size=32, default_concurrency_limit=1)
+@asynccontextmanager
+async def sweeping(demo: gr.Blocks, uploads: SessionUploads, app: Any):
+    """While the server runs, apply the idle rule every `uploads.check_seconds`; when it stops, delete every
+    upload. (A lifespan of gradio's FastAPI app: it starts and stops with the server.)"""
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.wait(uploads.check_seconds):
+            try:
+                deleted = uploads.sweep(set(demo.upload_file_set))
+            except Exception:
+                logger.exception("sweeping uploads failed")
+                continue
+            demo.upload_file_set.difference_update([str(path) for path in deleted])
+            if deleted:
+                logger.info("idle: deleted %d uploaded file(s)", len(deleted))
+
+    thread = threading.Thread(target=sweep, name="copa-upload-sweeper", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        uploads.close(set(demo.upload_file_set))
+
+
+demo, UPLOADS = build_app()
 
 if __name__ == "__main__":
     demo.launch(
@@ -273,4 +345,5 @@ if __name__ == "__main__":
         allowed_paths=EXAMPLE_ROOTS,
         theme=gr.themes.Soft(),
         css=CSS,
+        app_kwargs={"lifespan": partial(sweeping, demo, UPLOADS)},
     )
