@@ -406,7 +406,7 @@ def _convert(args) -> int:
     print(f"wrote {output}: " + ", ".join(converted_files(args.keep_domain_classifiers)))
     if removes_stale:
         print(
-            f"removed {stale.name} (an earlier conversion's domain classifiers; config.json no longer lists them)"
+            f"removed {stale.name} (an earlier conversion's classifiers; config.json no longer lists them)"
         )
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}")
