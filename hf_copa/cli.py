@@ -1,4 +1,8 @@
-"""The `hf-copa` command: the only place that parses arguments."""
+"""The `hf-copa` command: the only place that parses arguments.
+
+Importing this module stays cheap (no transformers, datasets or accelerate), so `hf-copa --help` answers
+quickly; each command imports what it uses.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,30 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .bundled import DEFAULT_MODEL
-from .folders import list_images, load_class_folders, sample_task_dir
+from .folders import load_class_folders, query_images, sample_task_dir
 from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names
-from .training import MIXED_PRECISION_CHOICES, TrainingConfig
-from .validation import CopaError
+from .training.config import MIXED_PRECISION_CHOICES, TrainingConfig
+from .validation import CopaError, CopaValueError, check_int
+
+PROTOCOLS = ("meta-dataset", "varying-way-5-shot", "5-way-1-shot")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-copa", description="Few-shot image classification with CoPA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    def add_compute_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            metavar="N",
+            help="CPU threads for PyTorch (default: its own choice; on shared cores 1 or 2 is often much "
+            "faster)",
+        )
+
     def add_adaptation_options(sub: argparse.ArgumentParser) -> None:
+        add_compute_options(sub)
         sub.add_argument(
             "--model", default=None, help="model folder or Hub id (default: the bundled backbone)"
         )
@@ -37,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     classify = commands.add_parser(
         "classify", help="adapt to SUPPORT/<class>/*.png and classify QUERY images"
     )
-    classify.add_argument("support", help="folder with one sub-folder of images per class")
-    classify.add_argument("query", nargs="+", help="query image files or folders")
+    classify.add_argument("support", help="folder with one sub-folder of images per class (at any depth)")
+    classify.add_argument("query", nargs="+", help="query image files or folders (read at any depth)")
     add_adaptation_options(classify)
 
     evaluate = commands.add_parser(
@@ -47,16 +64,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--model", default=None, help="model folder or Hub id (default: the bundled backbone)"
     )
+    add_compute_options(evaluate)
     evaluate.add_argument(
         "--dataset",
         action="append",
-        required=True,
+        default=[],
         metavar="PATH_OR_ID[:SPLIT]",
         help="a dataset folder or Hub id, split 'test' unless given; repeat for more domains",
     )
-    evaluate.add_argument("--method", nargs="+", default=["ncc", "url", "copa"], choices=available_methods())
     evaluate.add_argument(
-        "--protocol", default="meta-dataset", help="meta-dataset, varying-way-5-shot, 5-way-1-shot"
+        "--benchmark",
+        choices=("meta-dataset",),
+        default=None,
+        help="the papers' benchmark: the 13 Meta-Dataset sources found under --data-root, 600 official "
+        "test episodes each, seen/unseen marked, Meta-Dataset's decoder, the papers' settings",
+    )
+    evaluate.add_argument(
+        "--data-root",
+        default=None,
+        metavar="CONVERTED",
+        help="with --benchmark: meta-dataset convert's OUTPUT",
+    )
+    evaluate.add_argument("--method", nargs="+", default=["ncc", "url", "copa"], choices=available_methods())
+    evaluate.add_argument("--protocol", default="meta-dataset", choices=PROTOCOLS)
+    evaluate.add_argument(
+        "--sampling",
+        choices=("independent", "official"),
+        default=None,
+        help="independent: episode i from (seed, i), any labelled dataset (default); official: "
+        "Meta-Dataset's own test episodes on a converted source (the default with --benchmark)",
+    )
+    evaluate.add_argument(
+        "--shuffle-buffer-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="official sampling: Meta-Dataset's per-class shuffle buffer (0: the exact episodes; the "
+        "official default is 1000)",
+    )
+    evaluate.add_argument(
+        "--paper-settings",
+        action="store_true",
+        help="the papers' per-domain presets on Meta-Dataset sources (implied by --benchmark)",
+    )
+    evaluate.add_argument("--image-column", default="image", help="the column holding the images")
+    evaluate.add_argument("--label-column", default="label", help="the column holding the class labels")
+    evaluate.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)"
     )
     evaluate.add_argument("--episodes", type=int, default=600)
     evaluate.add_argument("--seed", type=int, default=0)
@@ -99,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID[:SPLIT]",
         help="a training dataset, split 'train' unless given; repeat for each domain",
     )
+    add_compute_options(train)
     train.add_argument("--output-dir", required=True, help="model folder to write (checkpoints inside it)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="train into a non-empty --output-dir, replacing its files"
+    )
     train.add_argument(
         "--resume",
         nargs="?",
@@ -178,6 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder, replacing only its own files"
     )
+
+    meta_dataset = commands.add_parser(
+        "meta-dataset", help="Meta-Dataset without TensorFlow: convert its records to Hub datasets"
+    )
+    meta_commands = meta_dataset.add_subparsers(dest="meta_command", required=True)
+    md_convert = meta_commands.add_parser(
+        "convert",
+        help="converted records (dataset_spec.json + <class>.tfrecords) -> one Hub-layout dataset per source",
+        description="RECORDS is one source folder or a root of source folders. Each source becomes "
+        "OUTPUT/<source>/ (parquet shards per split, image bytes unchanged, dataset_spec.json, a card), "
+        "which datasets.load_dataset reads. Resumable: a rerun skips finished shards and sources.",
+    )
+    md_convert.add_argument("records", help="a source folder, or a folder of source folders")
+    md_convert.add_argument("output", help="where each source's dataset folder goes")
+    md_convert.add_argument("--source", nargs="+", default=None, metavar="NAME", help="only these sources")
+    md_convert.add_argument(
+        "--push-to-hub", default=None, metavar="ORG/PREFIX", help="upload each source to ORG/PREFIX-<source>"
+    )
+    md_convert.add_argument("--private", action="store_true", help="create the Hub repos private")
+    md_convert.add_argument(
+        "--max-shard-size", type=int, default=500, metavar="MB", help="largest parquet shard (default 500 MB)"
+    )
+    md_convert.add_argument(
+        "--overwrite", action="store_true", help="replace a previous conversion's files (others are kept)"
+    )
+    md_convert.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -201,55 +285,63 @@ def hyperparameters_from(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "demo":
-            task = sample_task_dir()
-            support_paths, support_labels = load_class_folders(task / "support")
-            query_paths, truth = load_class_folders(task / "query")
-            return _classify(args, support_paths, support_labels, query_paths, truth)
-        if args.command == "classify":
-            support_paths, support_labels = load_class_folders(args.support)
-            return _classify(args, support_paths, support_labels, _expand_queries(args.query), None)
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "train":
-            return _train(args, argv)
-        if args.command == "model-card":
-            return _model_card(args)
-    except (CopaError, ValueError, OSError) as err:  # what the user gave; anything else is a bug
-        print(f"hf-copa: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_note  # hf_copa's warnings (skipped files, ...) as one-line notes
+        try:
+            _set_threads(getattr(args, "threads", None))
+            return _run(args, argv)
+        except (CopaError, ValueError, OSError) as err:  # what the user gave; anything else is a bug
+            print(f"hf-copa: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("hf-copa: interrupted", file=sys.stderr)
+            return 130
 
 
-def _expand_queries(items: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            paths += list_images(path)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise ValueError(f"Query {item!r} is neither an image file nor a folder.")
-    if not paths:
-        raise ValueError("No query images found.")
-    return paths
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.command == "demo":
+        task = sample_task_dir()
+        support_paths, support_labels = load_class_folders(task / "support")
+        query_paths, truth = load_class_folders(task / "query")
+        return _classify(args, support_paths, support_labels, query_paths, truth)
+    if args.command == "classify":
+        support_paths, support_labels = load_class_folders(args.support)
+        return _classify(args, support_paths, support_labels, query_images(args.query), None)
+    if args.command == "train":
+        return _train(args, argv)
+    commands = {
+        "evaluate": _evaluate,
+        "convert": _convert,
+        "model-card": _model_card,
+        "meta-dataset": _meta_dataset,
+    }
+    return commands[args.command](args)
+
+
+def _show_note(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _set_threads(threads: int | None) -> None:
+    """`--threads N`: PyTorch's intra-op threads. On cores shared with other work, PyTorch's default (one per
+    core) can make TSA several times slower than 1 thread; `OMP_NUM_THREADS` sets the same from outside."""
+    if threads is None:
+        return
+    check_int("--threads", threads, 1)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _load_model(name_or_path: str | None, show_notes: bool = True):
-    """The backbone, with its warnings (e.g. "no trained default yet") shown as one-line notes."""
+    """The backbone; its warnings are shown as notes (by one process only, under several)."""
     from .pretrained import load_model
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = load_model(name_or_path)
-    if show_notes:
-        for warning in caught:
-            print(f"note: {warning.message}", file=sys.stderr)
-    return model
+    with warnings.catch_warnings():
+        if not show_notes:
+            warnings.simplefilter("ignore")
+        return load_model(name_or_path)
 
 
 def _classify(args, support_paths, support_labels, query_paths, truth) -> int:
@@ -293,28 +385,36 @@ def _evaluate(args) -> int:
     from accelerate import PartialState
 
     from .distributed import use_cpu
-    from .evaluation import Domain, evaluate, parse_override
+    from .evaluation import evaluate, parse_override
     from .features import default_cache_dir
 
-    domains = [Domain.parse(spec) for spec in args.dataset]
+    domains, sampling, processor = _evaluation_domains(args)
     names = [d.name for d in domains]
     if len(set(names)) != len(names):
-        raise ValueError(f"Two datasets share a name: {names}; give each domain a distinct folder or id.")
+        raise CopaValueError(f"Two datasets share a name: {names}; give each domain a distinct folder or id.")
     for role, marked in (("seen", args.seen), ("unseen", args.unseen)):
         missing = sorted(set(marked) - set(names))
         if missing:
-            raise ValueError(f"--{role} names {missing}, which are not among the datasets {names}.")
-    global_overrides: dict[str, dict] = {}
+            raise CopaValueError(f"--{role} names {missing}, which are not among the datasets {names}.")
     for domain in domains:
-        domain.role = "seen" if domain.name in args.seen else "unseen" if domain.name in args.unseen else None
+        domain.image_column, domain.label_column = args.image_column, args.label_column
+        if domain.name in args.seen or domain.name in args.unseen:
+            domain.role = "seen" if domain.name in args.seen else "unseen"
+    global_overrides: dict[str, dict] = {}
     for text in args.override:
         domain_name, method, key, value = parse_override(text)
+        if method not in args.method:
+            raise CopaValueError(
+                f"--override {text!r} sets {method!r}, which is not among --method {args.method}: it would "
+                "have no effect. Add the method to --method, or drop the override."
+            )
         if domain_name is None:
             global_overrides.setdefault(method, {})[key] = value
             continue
         if domain_name not in names:
-            raise ValueError(f"Override {text!r} names domain {domain_name!r}, not among {names}.")
+            raise CopaValueError(f"Override {text!r} names domain {domain_name!r}, not among {names}.")
         domains[names.index(domain_name)].overrides.setdefault(method, {})[key] = value
+    output = _checked_output_file(args.output)  # before any work: a bad path must not cost the run
     cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or default_cache_dir())
     state = PartialState(cpu=use_cpu())
     model = _load_model(args.model, show_notes=state.is_main_process)
@@ -324,6 +424,10 @@ def _evaluate(args) -> int:
 
         model = random_backbone(model)
         model_name = f"random-init({args.model or DEFAULT_MODEL}, seed={RANDOM_INIT_SEED})"
+    if processor == "meta-dataset":
+        from .image_processing_copa import CopaImageProcessor
+
+        processor = CopaImageProcessor.from_copa_config(model.config, decoder="meta-dataset")
     result = evaluate(
         model,
         domains,
@@ -335,13 +439,87 @@ def _evaluate(args) -> int:
         cache_dir=cache_dir,
         progress=not args.no_progress,
         model_name=model_name,
+        sampling=sampling,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        image_processor=processor,
+        num_workers=args.workers,
     )
     if state.is_main_process:
+        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
         print(result.table())
-        if args.output:
-            result.save(args.output, per_episode=args.per_episode)
-            print(f"wrote {args.output}")
+        if output is not None:
+            result.save(output, per_episode=args.per_episode)
+            print(f"wrote {output}")
     return 0
+
+
+def _evaluation_domains(args) -> tuple[list, str, str | None]:
+    """The domains to evaluate, the sampling, and "meta-dataset" when its decoder is to be used.
+
+    `--benchmark meta-dataset` finds the 13 sources under `--data-root` (missing ones are listed, not fatal),
+    marks the seen and unseen ones, and implies official sampling, Meta-Dataset's decoder and the papers'
+    settings; `--paper-settings` alone applies those settings to any domain named like a Meta-Dataset source.
+    """
+    from .evaluation import Domain
+
+    domains = [Domain.parse(spec) for spec in args.dataset]
+    sampling, processor = args.sampling or "independent", None
+    if args.benchmark:
+        from .meta_dataset import benchmark
+
+        if args.dataset or not args.data_root:
+            raise CopaValueError(
+                "--benchmark meta-dataset takes the converted sources from --data-root CONVERTED (the OUTPUT "
+                "of hf-copa meta-dataset convert), not --dataset."
+            )
+        found, missing = benchmark.find_sources(args.data_root)
+        if not found:
+            raise CopaValueError(
+                f"No converted Meta-Dataset source under {args.data_root!r} (looked for "
+                f"{', '.join(benchmark.SOURCES)}); convert them with hf-copa meta-dataset convert."
+            )
+        if missing:
+            warnings.warn(
+                f"Not found under {args.data_root!r}, so not evaluated: {', '.join(missing)}.", stacklevel=2
+            )
+        domains = [Domain(name, str(path), role=benchmark.role(name)) for name, path in found.items()]
+        sampling, processor = args.sampling or "official", "meta-dataset"
+    elif not domains:
+        raise CopaValueError("Give at least one --dataset PATH_OR_ID[:SPLIT], or --benchmark meta-dataset.")
+    if args.paper_settings or args.benchmark:
+        from .meta_dataset import benchmark
+
+        for domain in domains:
+            settings = benchmark.paper_settings(domain.name, args.protocol)
+            if not settings:
+                warnings.warn(
+                    f"--paper-settings: {domain.name!r} is no Meta-Dataset source; its defaults stay.",
+                    stacklevel=2,
+                )
+            for method, values in settings.items():
+                domain.overrides.setdefault(method, {}).update(values)
+            if domain.role is None:
+                domain.role = benchmark.role(domain.name)
+    return domains, sampling, processor
+
+
+def _checked_output_file(output: str | None) -> Path | None:
+    """The results file, its folder created now: a path that cannot be written fails before any work."""
+    if output is None:
+        return None
+    path = Path(output)
+    if path.is_dir():
+        raise CopaValueError(f"--output {output!r} is a folder; give the path of a .json file to write.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            f"--output {output!r} cannot be written ({err}); give a path in a writable folder."
+        ) from None
+    return path
 
 
 def _train(args, argv: list[str] | None) -> int:
@@ -361,6 +539,23 @@ def _train(args, argv: list[str] | None) -> int:
     config = TrainingConfig(
         **fields, datasets=args.dataset, output_dir=args.output_dir, teachers=teachers, command=command
     )
+    if not args.resume:  # a fresh run must not overwrite a folder that holds something else
+        from .files import check_output_folder
+        from .training.checkpoints import CHECKPOINTS_DIR, TRAINING_LOG_FILE
+
+        written = [
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "README.md",
+            CHECKPOINTS_DIR,
+        ]
+        check_output_folder(
+            args.output_dir,
+            [*written, TRAINING_LOG_FILE, "domain_classifiers.safetensors"],
+            args.overwrite,
+            flag="--overwrite (or --resume to continue a run)",
+        )
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if result.is_main_process:
         from .model_cards import write_trained_model_card
@@ -405,11 +600,36 @@ def _convert(args) -> int:
     )
     print(f"wrote {output}: " + ", ".join(converted_files(args.keep_domain_classifiers)))
     if removes_stale:
-        print(
-            f"removed {stale.name} (an earlier conversion's classifiers; config.json no longer lists them)"
-        )
+        print(f"removed {stale.name} (an earlier conversion's classifiers; config.json no longer lists them)")
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _meta_dataset(args) -> int:
+    from .meta_dataset import convert_records
+
+    check_int("--max-shard-size", args.max_shard_size, 1)
+    converted = convert_records(
+        args.records,
+        args.output,
+        sources=args.source,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        max_shard_bytes=args.max_shard_size * 1_000_000,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        command="hf-copa " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    for source in converted:
+        splits = ", ".join(
+            f"{name}: {split.num_examples} images of {len(split.classes)} classes"
+            for name, split in source.splits.items()
+            if split.num_examples
+        )
+        print(f"{source.status} {source.name}: {source.path} ({splits})")
+        if source.repo_id:
+            print(f"  pushed to {source.repo_id}")
     return 0
 
 

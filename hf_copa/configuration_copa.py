@@ -137,3 +137,12 @@ class CopaConfig(PreTrainedConfig):
         from .learners.registry import learner_class
 
         return learner_class(method).resolve_hyperparameters(preset, self.adaptation.get(method), **overrides)
+
+
+def _register_with_auto_config() -> None:
+    from transformers import AutoConfig
+
+    AutoConfig.register(CopaConfig.model_type, CopaConfig, exist_ok=True)
+
+
+_register_with_auto_config()  # so that AutoConfig.from_pretrained reads model_type "copa" (see hf_copa)

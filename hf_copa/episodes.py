@@ -175,7 +175,7 @@ class LabelIndex:
         if missing:
             raise ValueError(
                 f"column(s) {missing} not in the dataset; its columns are {dataset.column_names}. "
-                "Set label_column / hierarchy_column to the right names."
+                "Set label_column / hierarchy_column to the right names (hf-copa evaluate: --label-column)."
             )
         if len(dataset) == 0:
             raise ValueError("the dataset has no rows to sample episodes from.")

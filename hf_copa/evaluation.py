@@ -83,13 +83,14 @@ def confidence_interval(accuracies: Sequence[float]) -> float:
 
 
 def adapt_and_score(
-    features: torch.Tensor,
+    features: Any,
     episodes: Sequence[Episode],
     method: str,
     hyperparameters: dict[str, Any],
     device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Query accuracy of each episode after batched adaptation of its support set."""
+    """Query accuracy of each episode after batched adaptation of its support set; `features` is a
+    [num_rows, d] tensor or `features.RowFeatures`, indexed by dataset row."""
     learner = get_learner(method, **hyperparameters)
     support, labels, num_classes = pad_episodes(features, episodes)
     heads = learner.fit_batch(support.to(device), labels.to(device), num_classes)
@@ -123,8 +124,10 @@ def adapt_images_and_score(
 class EpisodeImages:
     """Pixel values of dataset rows, decoded on demand (what backbone-adapting learners need per episode)."""
 
-    def __init__(self, dataset: Any, processor: Any, image_column: str = "image") -> None:
-        self.images = RawImages(dataset, image_column)
+    def __init__(
+        self, dataset: Any, processor: Any, image_column: str = "image", encoded: bool = False
+    ) -> None:
+        self.images = RawImages(dataset, image_column, encoded=encoded)
         self.processor = processor
 
     def pixel_values(self, rows: Sequence[int] | np.ndarray) -> torch.Tensor:
@@ -212,6 +215,45 @@ def hyperparameters_for(
     return get_learner(method, preset, config_overrides=config_overrides, **merged).hyperparameters
 
 
+SAMPLINGS = ("independent", "official")
+
+
+def domain_episodes(
+    domain: Domain,
+    dataset: Any,
+    protocol: str,
+    num_episodes: int,
+    seed: int,
+    sampling: str = "independent",
+    shuffle_buffer_size: int = 0,
+) -> list[Episode]:
+    """The episodes of one domain, from its labels alone (no image is decoded).
+
+    `independent`: episode i from (seed, i) over any labelled split (`hf_copa.episodes`). `official`: the
+    episodes Meta-Dataset's own pipeline emits for a converted source, in order (`hf_copa.meta_dataset`).
+    """
+    if sampling == "official":
+        from .meta_dataset import official_sampler
+
+        sampler = official_sampler(
+            domain.path, domain.split, protocol, seed, num_episodes, shuffle_buffer_size, dataset=dataset
+        )
+        return list(sampler)
+    if sampling != "independent":
+        raise CopaValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
+    if shuffle_buffer_size:
+        raise CopaValueError("A shuffle buffer applies to official sampling only (--sampling official).")
+    sampler = make_sampler(
+        protocol, dataset, label_column=domain.label_column, seed=seed, num_episodes=num_episodes
+    )
+    return [sampler.episode(i) for i in range(num_episodes)]
+
+
+def rows_used(episodes: Sequence[Episode]) -> np.ndarray:
+    """The dataset rows the episodes touch, sorted: the only images a run embeds."""
+    return np.unique(np.concatenate([np.concatenate([e.support_indices, e.query_indices]) for e in episodes]))
+
+
 def evaluate(
     model: Any,
     domains: Sequence[Domain],
@@ -224,16 +266,24 @@ def evaluate(
     progress: bool = True,
     load_dataset: Callable[[Domain], Any] | None = None,
     model_name: str | None = None,
+    sampling: str = "independent",
+    shuffle_buffer_size: int = 0,
+    image_processor: Any = None,
+    num_workers: int = 0,
 ) -> EvaluationResult:
     """Evaluate `methods` on `num_episodes` episodes per domain, split across Accelerate processes.
 
-    `model_name` labels the results (default: the name or path the model was loaded from).
+    Episodes are drawn first, from the labels alone (`sampling`: see `domain_episodes`); then only the rows
+    they touch are embedded (cached), and the episodes are dealt to the processes. `image_processor`
+    overrides the model's own (e.g. `CopaImageProcessor(decoder="meta-dataset")` for Meta-Dataset's
+    pixels); `num_workers` decode images in DataLoader workers. `model_name` labels the results (default:
+    the name or path the model was loaded from).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .features import extract_dataset_features
+    from .features import extract_row_features
 
     state = PartialState(cpu=use_cpu())
     overrides = overrides or {}
@@ -241,27 +291,35 @@ def evaluate(
     if unknown:
         raise CopaValueError(f"Unknown method(s) {unknown}; choose from {available_methods()}.")
     check_int("num_episodes", num_episodes, 1)
+    check_int("shuffle_buffer_size", shuffle_buffer_size, 0)
     load_dataset = load_dataset or (lambda domain: load_split(domain.path, domain.split))
+    processor = image_processor or model.default_image_processor()
+    encoded = getattr(processor, "decoder", None) == "meta-dataset"
     on_backbone = {m: learner_class(m).needs_backbone for m in methods}
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
+    embedded: dict[str, dict[str, int]] = {}
     for domain in domains:
         dataset = load_dataset(domain)
+        episodes = domain_episodes(
+            domain, dataset, protocol, num_episodes, seed, sampling, shuffle_buffer_size
+        )
         features = None
         if not all(on_backbone.values()):
+            rows = rows_used(episodes)
+            embedded[domain.name] = {"rows_embedded": len(rows), "rows_in_split": len(dataset)}
             with state.main_process_first():
-                features = extract_dataset_features(
+                features = extract_row_features(
                     model,
                     dataset,
+                    rows,
+                    image_processor=processor,
                     image_column=domain.image_column,
                     cache_dir=cache_dir,
                     progress=progress and state.is_main_process,
                     device=state.device,
+                    num_workers=num_workers,
                 )
-        sampler = make_sampler(
-            protocol, dataset, label_column=domain.label_column, seed=seed, num_episodes=num_episodes
-        )
-        episodes = [sampler.episode(i) for i in range(num_episodes)]
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
         singles = largest_first(episodes)[state.process_index :: state.num_processes]
         accuracies[domain.name] = {}
@@ -271,17 +329,21 @@ def evaluate(
             used_hyperparameters[domain.name][method] = hp
             local = []
             show = progress and state.is_main_process
-            if on_backbone[method]:
-                images = EpisodeImages(dataset, model.default_image_processor(), domain.image_column)
-                with frozen_backbone(model, state.device):
-                    for position in tqdm(singles, desc=f"{domain.name} {method}", disable=not show):
-                        score = adapt_images_and_score(model, images, episodes[position], method, hp)
-                        local.append((position, score))
-            else:
-                for chunk in tqdm(chunks, desc=f"{domain.name} {method}", disable=not show):
-                    chunk_episodes = [episodes[i] for i in chunk]
-                    scores = adapt_and_score(features, chunk_episodes, method, hp, device=state.device)
-                    local += list(zip(chunk, scores, strict=True))
+            mine = len(singles) if on_backbone[method] else sum(len(c) for c in chunks)
+            with tqdm(total=mine, unit="episode", desc=f"{domain.name} {method}", disable=not show) as bar:
+                if on_backbone[method]:
+                    images = EpisodeImages(dataset, processor, domain.image_column, encoded=encoded)
+                    with frozen_backbone(model, state.device):
+                        for position in singles:
+                            score = adapt_images_and_score(model, images, episodes[position], method, hp)
+                            local.append((position, score))
+                            bar.update(1)
+                else:
+                    for chunk in chunks:
+                        chunk_episodes = [episodes[i] for i in chunk]
+                        scores = adapt_and_score(features, chunk_episodes, method, hp, device=state.device)
+                        local += list(zip(chunk, scores, strict=True))
+                        bar.update(len(chunk))
             gathered = gather_object(local) if state.num_processes > 1 else local
             accuracies[domain.name][method] = [acc for _, acc in sorted(gathered)]
     results, averages = summarise(accuracies, domains, methods)
@@ -291,8 +353,11 @@ def evaluate(
         "protocol": protocol,
         "episodes": num_episodes,
         "seed": seed,
+        "sampling": sampling,
+        **({"shuffle_buffer_size": shuffle_buffer_size} if sampling == "official" else {}),
+        "decoder": getattr(processor, "decoder", None),
         "processes": state.num_processes,
-        "domains": {d.name: {"path": d.path, "split": d.split} for d in domains},
+        "domains": {d.name: {"path": d.path, "split": d.split, **embedded.get(d.name, {})} for d in domains},
         "roles": {d.name: d.role for d in domains},
         "hyperparameters": used_hyperparameters,
     }

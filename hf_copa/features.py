@@ -1,7 +1,10 @@
 """Batched, cached feature extraction over a dataset split: one frozen-backbone pass per image.
 
-Everything downstream of the backbone (episodes, learners, evaluation) works on a [num_rows, d] feature
-matrix whose row i is dataset row i, so each split is embedded once and episodes index the matrix.
+Everything downstream of the backbone (episodes, learners, evaluation) works on features looked up by
+dataset row, so each image is embedded once and episodes index the features. `extract_row_features` embeds
+only the rows a run needs (the rows its episodes touch: QuickDraw's test split holds millions of images,
+600 Meta-Dataset episodes a few hundred thousand of them); `extract_dataset_features` embeds a whole split.
+A cache entry holds the rows embedded so far, and a later run asking for more rows embeds only the new ones.
 
 The optional disk cache is keyed by everything that changes the features: the model (name, revision,
 architecture config and a fingerprint of its weights), the image processor config, the dataset fingerprint
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
@@ -37,19 +41,22 @@ from tqdm.auto import tqdm
 from .files import save_safetensors, write_atomically
 from .frozen import frozen_backbone, model_device
 from .splits import RawImages
-from .validation import CopaTypeError, check_int
+from .validation import CopaTypeError, CopaValueError, check_int
 
 __all__ = [
     "CorruptFeatureCacheWarning",
+    "RowFeatures",
     "default_cache_dir",
     "extract_dataset_features",
+    "extract_row_features",
     "feature_cache_key",
     "weights_fingerprint",
 ]
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: entries hold a subset of rows ("rows" beside "features")
 WEIGHT_SAMPLE_SIZE = 1024  # elements hashed per state_dict tensor (plus its last one)
 _FEATURES_TENSOR = "features"
+_ROWS_TENSOR = "rows"
 # Entries of `config.to_dict()` / `processor.to_dict()` that do not change the features.
 _CONFIG_KEYS_WITHOUT_EFFECT = frozenset(
     {
@@ -82,6 +89,33 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "hf_copa" / "features"
 
 
+class RowFeatures:
+    """Features of some rows of a split: `features[i]` belongs to dataset row `rows[i]` (sorted, unique).
+
+    Index it with dataset rows (`row_features[support_rows]`, an array or tensor of row numbers) to get
+    their [len(rows), d] features.
+    """
+
+    def __init__(self, rows: torch.Tensor, features: torch.Tensor) -> None:
+        self.rows = rows
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, dataset_rows: Any) -> torch.Tensor:
+        wanted = torch.as_tensor(np.asarray(dataset_rows), dtype=torch.long).reshape(-1)
+        positions = torch.searchsorted(self.rows, wanted).clamp(max=max(len(self.rows) - 1, 0))
+        if len(self.rows) == 0 or not torch.equal(self.rows[positions], wanted):
+            missing = (
+                wanted[self.rows[positions] != wanted][:5].tolist() if len(self.rows) else wanted[:5].tolist()
+            )
+            raise CopaValueError(
+                f"No features were extracted for dataset rows {missing}; extract them first."
+            )
+        return self.features[positions]
+
+
 def extract_dataset_features(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
@@ -100,20 +134,55 @@ def extract_dataset_features(
             It runs in eval mode (BatchNorm uses its running statistics); its training flag and device are
             restored afterwards.
         dataset: One split (a `datasets.Dataset`, not a `DatasetDict`).
-        image_processor: Turns images into pixel values; default `model.default_image_processor()`.
-        image_column: The column holding the images (PIL images, arrays or paths).
+        image_processor: Turns images into pixel values; default `model.default_image_processor()`. With
+            `decoder="meta-dataset"` the image column is read undecoded and its bytes go to the processor,
+            so that the pixels are TensorFlow's Meta-Dataset pixels.
+        image_column: The column holding the images (PIL images, arrays, paths or encoded bytes).
         batch_size: Images per backbone pass.
         cache_dir: Where to cache the features on disk (e.g. `default_cache_dir()`); None disables caching.
         device: Where the backbone runs; default the model's device. On CUDA it runs under bf16 autocast
             (fp16 where bf16 is unsupported); elsewhere in the model's dtype.
-        progress: Show a tqdm progress bar while extracting.
+        progress: Show a tqdm progress bar (counting images) while extracting.
         num_workers: Processes decoding and preprocessing images in parallel with the backbone (0: in the
-            main process, the fastest choice on a few CPU cores).
+            main process, the fastest choice on a few CPU cores; more keep a GPU fed).
+    """
+    rows = np.arange(len(dataset)) if isinstance(dataset, datasets.Dataset) else None
+    return extract_row_features(
+        model,
+        dataset,
+        rows,
+        image_processor,
+        image_column,
+        batch_size,
+        cache_dir,
+        device,
+        progress,
+        num_workers,
+    ).features
+
+
+def extract_row_features(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    rows: Any,
+    image_processor: Any = None,
+    image_column: str = "image",
+    batch_size: int = 128,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> RowFeatures:
+    """Backbone features of the dataset rows `rows` (any order, repeats allowed), as `RowFeatures`.
+
+    Arguments as for `extract_dataset_features`. With a cache, the rows already cached for this model,
+    processor and dataset are read back and only the others are embedded; the entry then holds both.
     """
     _check_model(model)
     _check_dataset(dataset, image_column)
     check_int("batch_size", batch_size, 1)
     check_int("num_workers", num_workers, 0)
+    wanted = _check_rows(rows, len(dataset))
     processor = _resolve_processor(model, image_processor)
     run_device = _resolve_device(model, device)
     autocast_dtype = _autocast_dtype(run_device)
@@ -125,21 +194,55 @@ def extract_dataset_features(
         )
 
     cache_paths, key_parts = None, None
+    cached = RowFeatures(torch.empty(0, dtype=torch.long), torch.empty(0, 0))
     if cache_dir is not None:
         key_parts = _cache_key_parts(model, dataset, processor, image_column, autocast_dtype)
         if key_parts is not None:
             key = _hash_json(key_parts)
             cache_paths = _CachePaths(Path(cache_dir).expanduser(), key)
-            cached = _load_cached(cache_paths, len(dataset))
-            if cached is not None:
-                return cached
-
-    features = _extract(
-        model, dataset, processor, image_column, batch_size, run_device, autocast_dtype, progress, num_workers
+            cached = _load_cached(cache_paths, len(dataset)) or cached
+    missing = wanted[~torch.isin(wanted, cached.rows)]
+    if len(missing) == 0:
+        return _subset(cached, wanted)
+    computed = _extract(
+        model,
+        dataset,
+        missing,
+        processor,
+        image_column,
+        batch_size,
+        run_device,
+        autocast_dtype,
+        progress,
+        num_workers,
     )
+    merged = _merge(cached, RowFeatures(missing, computed))
     if cache_paths is not None:
-        _save_cached(cache_paths, key_parts, features)
-    return features
+        _save_cached(cache_paths, key_parts, merged)
+    return _subset(merged, wanted)
+
+
+def _check_rows(rows: Any, num_rows: int) -> torch.Tensor:
+    """Sorted unique int64 rows, each within the split."""
+    array = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+    if array.size and (array[0] < 0 or array[-1] >= num_rows):
+        bad = array[(array < 0) | (array >= num_rows)][:5].tolist()
+        raise CopaValueError(f"Rows {bad} are outside the split's {num_rows} rows.")
+    return torch.from_numpy(array)
+
+
+def _merge(first: RowFeatures, second: RowFeatures) -> RowFeatures:
+    if len(first) == 0:
+        return second
+    rows = torch.cat([first.rows, second.rows])
+    order = torch.argsort(rows)
+    return RowFeatures(rows[order], torch.cat([first.features, second.features])[order])
+
+
+def _subset(available: RowFeatures, rows: torch.Tensor) -> RowFeatures:
+    if len(available) == len(rows):
+        return available
+    return RowFeatures(rows, available[rows])
 
 
 def feature_cache_key(
@@ -245,24 +348,39 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 class _PixelBatches(torch.utils.data.Dataset):
-    """Batch b of the dataset's images as pixel values; picklable, so DataLoader workers can run it."""
+    """Batch b of the requested rows' images as pixel values; picklable, so DataLoader workers can run it."""
 
-    def __init__(self, dataset: datasets.Dataset, processor: Any, image_column: str, batch_size: int) -> None:
-        self.images = RawImages(dataset, image_column)  # the other columns are never decoded
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        rows: torch.Tensor,
+        processor: Any,
+        image_column: str,
+        batch_size: int,
+    ) -> None:
+        # The other columns are never decoded; encoded bytes for the Meta-Dataset decoder.
+        self.images = RawImages(
+            dataset, image_column, encoded=getattr(processor, "decoder", None) == "meta-dataset"
+        )
+        self.rows = rows.numpy()
+        self.contiguous = len(self.rows) > 0 and self.rows[-1] - self.rows[0] + 1 == len(self.rows)
         self.processor = processor
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return -(-len(self.rows) // self.batch_size)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        start = index * self.batch_size
-        stop = min(start + self.batch_size, len(self.images))
+        rows = self.rows[index * self.batch_size : (index + 1) * self.batch_size]
+        images = (
+            self.images.span(int(rows[0]), int(rows[-1]) + 1) if self.contiguous else self.images.rows(rows)
+        )
         try:
-            pixel_values = self.processor(self.images.span(start, stop), return_tensors="pt")["pixel_values"]
+            pixel_values = self.processor(images, return_tensors="pt")["pixel_values"]
         except (TypeError, ValueError) as err:
             raise type(err)(
-                f"Could not preprocess rows {start}..{stop - 1} of column {self.images.image_column!r}: {err}"
+                f"Could not preprocess rows {int(rows[0])}..{int(rows[-1])} of column "
+                f"{self.images.image_column!r}: {err}"
             ) from err
         # Channels-last (NHWC) inputs make the convolutions pick faster kernels: ~25% more images/s for
         # the ResNet-18 on CPU, with identical results; the model's own weights are left untouched.
@@ -272,6 +390,7 @@ class _PixelBatches(torch.utils.data.Dataset):
 def _extract(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
+    rows: torch.Tensor,
     processor: Any,
     image_column: str,
     batch_size: int,
@@ -281,7 +400,7 @@ def _extract(
     num_workers: int,
 ) -> torch.Tensor:
     loader = DataLoader(
-        _PixelBatches(dataset, processor, image_column, batch_size),
+        _PixelBatches(dataset, rows, processor, image_column, batch_size),
         batch_size=None,  # each item already is a batch
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -293,7 +412,7 @@ def _extract(
     )
     features: torch.Tensor | None = None
     start = 0
-    bar = tqdm(total=len(dataset), unit="img", desc="Extracting features", disable=not progress)
+    bar = tqdm(total=len(rows), unit="img", desc="Extracting features", disable=not progress)
     with bar, frozen_backbone(model, device), torch.inference_mode(), autocast:
         for pixel_values in loader:
             count = len(pixel_values)
@@ -305,7 +424,7 @@ def _extract(
                 )
             if features is None:
                 with torch.inference_mode(False):  # learners need an ordinary (autograd-able) tensor
-                    features = torch.empty(len(dataset), batch.shape[1], dtype=torch.float32)
+                    features = torch.empty(len(rows), batch.shape[1], dtype=torch.float32)
             features[start : start + count].copy_(batch)
             start += count
             bar.update(count)
@@ -367,23 +486,26 @@ def _hash_json(value: Any) -> str:
     return hashlib.sha256(_canonical_json(value).encode()).hexdigest()[:32]
 
 
-def _checksum(features: torch.Tensor) -> str:
-    return hashlib.sha256(features.contiguous().numpy().data).hexdigest()
+def _checksum(rows: torch.Tensor, features: torch.Tensor) -> str:
+    digest = hashlib.sha256(rows.contiguous().numpy().data)
+    digest.update(features.contiguous().numpy().data)
+    return digest.hexdigest()
 
 
-def _load_cached(paths: _CachePaths, num_rows: int) -> torch.Tensor | None:
-    """The cached features if the entry exists and checks out, else None (warning when it is damaged)."""
+def _load_cached(paths: _CachePaths, num_rows: int) -> RowFeatures | None:
+    """The cached rows if the entry exists and checks out, else None (warning when it is damaged)."""
     if not paths.features.exists():
         return None
     try:
         with safe_open(str(paths.features), framework="pt") as handle:
             metadata = handle.metadata() or {}
             features = handle.get_tensor(_FEATURES_TENSOR).clone()
-        problem = _cache_entry_problem(features, metadata, paths.key, num_rows)
+            rows = handle.get_tensor(_ROWS_TENSOR).clone()
+        problem = _cache_entry_problem(rows, features, metadata, paths.key, num_rows)
     except Exception as err:  # safetensors reports damage with several error types
         problem = f"it cannot be read ({type(err).__name__}: {err})"
     if problem is None:
-        return features
+        return RowFeatures(rows, features)
     warnings.warn(
         f"Ignoring the cached features {paths.features}: {problem}. Recomputing them.",
         CorruptFeatureCacheWarning,
@@ -393,27 +515,36 @@ def _load_cached(paths: _CachePaths, num_rows: int) -> torch.Tensor | None:
 
 
 def _cache_entry_problem(
-    features: torch.Tensor, metadata: dict[str, str], key: str, num_rows: int
+    rows: torch.Tensor, features: torch.Tensor, metadata: dict[str, str], key: str, num_rows: int
 ) -> str | None:
     if metadata.get("key") != key:
         return "its key does not match its file name"
-    if features.dtype != torch.float32 or features.ndim != 2 or len(features) != num_rows:
+    if features.dtype != torch.float32 or features.ndim != 2 or len(features) != len(rows):
         shape = tuple(features.shape)
-        return f"it holds a {features.dtype} tensor of shape {shape}, not [{num_rows}, d] float32"
-    if metadata.get("sha256") != _checksum(features):
+        return f"it holds a {features.dtype} tensor of shape {shape}, not [{len(rows)}, d] float32"
+    if rows.dtype != torch.int64 or rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= num_rows)):
+        return f"its rows are not row numbers of a {num_rows}-row split"
+    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        return "its rows are not sorted and unique"
+    if metadata.get("sha256") != _checksum(rows, features):
         return "its checksum does not match its contents"
     return None
 
 
-def _save_cached(paths: _CachePaths, key_parts: dict[str, Any], features: torch.Tensor) -> None:
+def _save_cached(paths: _CachePaths, key_parts: dict[str, Any], entry: RowFeatures) -> None:
     """Write the description, then the features, each atomically; a failure only costs the cache."""
-    metadata = {"key": paths.key, "sha256": _checksum(features), "format_version": str(CACHE_FORMAT_VERSION)}
-    description = {"key": paths.key, "shape": list(features.shape), "parts": key_parts}
+    metadata = {
+        "key": paths.key,
+        "sha256": _checksum(entry.rows, entry.features),
+        "format_version": str(CACHE_FORMAT_VERSION),
+    }
+    description = {"key": paths.key, "rows": len(entry), "dim": entry.features.shape[1], "parts": key_parts}
     try:
         paths.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(
             paths.description, lambda tmp: tmp.write_text(json.dumps(description, indent=2, sort_keys=True))
         )
-        save_safetensors({_FEATURES_TENSOR: features}, paths.features, metadata=metadata)
+        tensors = {_FEATURES_TENSOR: entry.features.contiguous(), _ROWS_TENSOR: entry.rows.contiguous()}
+        save_safetensors(tensors, paths.features, metadata=metadata)
     except OSError as err:
         warnings.warn(f"Could not write the feature cache in {paths.directory}: {err}", stacklevel=3)

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,10 +33,12 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ._version import __version__
-from .configuration_copa import CopaConfig
 from .files import save_safetensors, write_text_atomically
 from .losses import cosine_scores
 from .validation import CopaTypeError, CopaValueError, as_feature_matrix
+
+if TYPE_CHECKING:
+    from .configuration_copa import CopaConfig
 
 HEAD_WEIGHTS_NAME = "head.safetensors"
 CONFIG_NAME = "config.json"
@@ -261,7 +263,7 @@ def write_artifact(
     folder.mkdir(parents=True, exist_ok=True)
     weights_metadata = {"format": "pt", "method": head.method, "sha256": tensors_checksum(tensors)}
     save_safetensors(tensors, folder / HEAD_WEIGHTS_NAME, metadata=weights_metadata)
-    config = CopaConfig.from_dict(backbone_config.to_dict())
+    config = type(backbone_config).from_dict(backbone_config.to_dict())
     config.architectures = ["CopaForFewShotClassification"]
     config.id2label = {i: str(label) for i, label in enumerate(labels)}
     config.label2id = {str(label): i for i, label in enumerate(labels)}
@@ -404,12 +406,8 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     except (ValueError, UnicodeDecodeError) as err:
         raise _damaged(config_path, f"it is not valid JSON ({err})") from None
     metadata = raw.get(HEAD_CONFIG_KEY) if isinstance(raw, dict) else None
-    if (
-        not isinstance(raw, dict)
-        or raw.get("model_type") != CopaConfig.model_type
-        or not isinstance(metadata, dict)
-    ):
-        copa = isinstance(raw, dict) and raw.get("model_type") == CopaConfig.model_type
+    if not isinstance(raw, dict) or raw.get("model_type") != "copa" or not isinstance(metadata, dict):
+        copa = isinstance(raw, dict) and raw.get("model_type") == "copa"
         kind = "a CoPA backbone" if copa else "not a CoPA model"
         raise CopaValueError(
             f"{str(folder)!r} holds no CoPA head ({kind}: its {CONFIG_NAME} has no {HEAD_CONFIG_KEY!r} "
@@ -461,6 +459,8 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     labels = metadata["labels"]
     if len(labels) != head.num_classes:
         raise _damaged(config_path, f"it lists {len(labels)} labels for a head of {head.num_classes} classes")
+    from .configuration_copa import CopaConfig
+
     config_dict = {k: v for k, v in raw.items() if k != HEAD_CONFIG_KEY}
     try:
         config = CopaConfig.from_dict(config_dict)

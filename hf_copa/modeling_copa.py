@@ -7,6 +7,7 @@ Parameter names follow torchvision / URL (`conv1`, `bn1`, `layer1.0.conv1`,
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .adapters import adapted_conv, check_adapters
 from .configuration_copa import CopaConfig
 from .frozen import frozen_backbone
 from .heads import AdaptedHead
+from .image_processing_copa import CopaImageProcessor
 from .model_sources import check_backbone_config, check_loading_info, resolve_model_source
 from .quiet import quiet_transformers
 from .validation import CopaTypeError, CopaValueError, class_order
@@ -208,10 +210,8 @@ class CopaModel(CopaPreTrainedModel):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.avgpool(hidden).flatten(1)
 
-    def default_image_processor(self):
+    def default_image_processor(self) -> CopaImageProcessor:
         """The image processor matching this model's input contract."""
-        from .image_processing_copa import CopaImageProcessor
-
         return CopaImageProcessor.from_copa_config(self.config)
 
     @torch.no_grad()
@@ -244,12 +244,26 @@ class CopaModel(CopaPreTrainedModel):
         return torch.cat(chunks).float()
 
     def to_pixel_values(self, images: Any, image_processor: Any = None) -> torch.Tensor:
-        """Pixel values [N, 3, H, W] of images, through `image_processor` (default: this model's own);
-        a float [N, 3, H, W] tensor is taken as pixel values already."""
+        """Pixel values [N, 3, H, W] of images, through `image_processor` (default: this model's own).
+
+        A float torch tensor [N, 3, H, W] is taken as pixel values already (what the processor returns, as
+        `model(pixel_values)` takes them, in [-1, 1]); everything else is images, one or a batch, by the
+        processor's rules (see `hf_copa.image_processing_copa`). Float images in [0, 1] belong in a numpy
+        array, a list, or the processor: such a tensor with no negative value gets a warning, because
+        pixel values of real images almost always have some.
+        """
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
             if images.shape[1] != self.config.num_channels:
                 raise CopaValueError(
-                    f"pixel_values must be [N, {self.config.num_channels}, H, W], got {tuple(images.shape)}."
+                    f"pixel_values must be [N, {self.config.num_channels}, H, W], got {tuple(images.shape)}; "
+                    "images go in as PIL images, arrays, uint8 tensors or a list of them."
+                )
+            if len(images) and images.min() >= 0 and images.max() <= 1 and images.max() > 0:
+                warnings.warn(
+                    f"A float tensor of shape {tuple(images.shape)} with values in [0, 1] is taken as pixel "
+                    "values, which are in [-1, 1]; if these are images, pass them through the image "
+                    "processor (or as uint8, or a list) instead.",
+                    stacklevel=3,
                 )
             pixel_values = images
         else:
@@ -559,3 +573,13 @@ def _fetch_base_model(artifact: heads.HeadArtifact, **kwargs: Any) -> CopaModel:
             f"{reference.revision!r}): {err}. Pass base_model=<a CopaModel> to use one you have."
         ) from err
     return backbone.eval()
+
+
+def _register_with_auto_models() -> None:
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    AutoModel.register(CopaConfig, CopaModel, exist_ok=True)
+    AutoModelForImageClassification.register(CopaConfig, CopaForFewShotClassification, exist_ok=True)
+
+
+_register_with_auto_models()  # so that the Auto model classes and pipeline find it (see hf_copa)

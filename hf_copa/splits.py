@@ -55,13 +55,21 @@ def load_split(path: str, split: str) -> Any:
 class RawImages:
     """The images of one column of a dataset split, read raw by row (picklable for DataLoader workers)."""
 
-    def __init__(self, dataset: Any, image_column: str = "image") -> None:
+    def __init__(self, dataset: Any, image_column: str = "image", encoded: bool = False) -> None:
+        """`encoded`: read an image column undecoded, as `{"bytes", "path"}` dicts (for decoders of their own,
+        such as the Meta-Dataset one); other columns are read as they are."""
         if image_column not in dataset.column_names:
             raise CopaValueError(
                 f"The dataset has no column {image_column!r}; its columns are {dataset.column_names}. "
-                "Pass image_column=<the column holding the images>."
+                "Pass image_column=<the column holding the images> (hf-copa: --image-column)."
             )
         self.dataset = dataset.with_format(None).select_columns([image_column])
+        if encoded:
+            import datasets
+
+            feature = self.dataset.features[image_column]
+            if isinstance(feature, datasets.Image) and feature.decode:
+                self.dataset = self.dataset.cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
 
     def __len__(self) -> int:

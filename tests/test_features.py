@@ -172,7 +172,7 @@ def test_cache_description_names_the_key_parts(model, dataset, tmp_path):
     assert (tmp_path / f"{key}.safetensors").is_file()
     description = json.loads((tmp_path / f"{key}.json").read_text())
     parts = description["parts"]
-    assert description["shape"] == [NUM_IMAGES, model.feature_dim]
+    assert (description["rows"], description["dim"]) == (NUM_IMAGES, model.feature_dim)
     assert parts["dataset"] == {
         "fingerprint": dataset._fingerprint,
         "num_rows": NUM_IMAGES,
@@ -348,3 +348,64 @@ def test_unreadable_image_names_the_rows(model):
     broken = datasets.Dataset.from_dict({"image": ["/nonexistent/a.png", "/nonexistent/b.png"]})
     with pytest.raises(ValueError, match=r"rows 0\.\.1 of column 'image'.*does not exist"):
         extract(model, broken)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Only the rows a run needs
+
+
+class ImageCounter:
+    """Counts the images the backbone embeds (the batch sizes of its forward passes)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.images = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.images += len(args[0])
+
+
+def test_row_features_embed_only_the_requested_rows_and_match_the_full_split(model, dataset):
+    from hf_copa.features import extract_row_features
+
+    counter = ImageCounter(model)
+    rows = [17, 3, 3, 9]
+    part = extract_row_features(model, dataset, rows, progress=False)
+    counter.handle.remove()
+    assert counter.images == 3 and part.rows.tolist() == [3, 9, 17]
+    full = extract(model, dataset)
+    torch.testing.assert_close(part[[9, 3, 17]], full[[9, 3, 17]], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="No features were extracted for dataset rows \\[4\\]"):
+        part[[3, 4]]
+    with pytest.raises(ValueError, match="outside the split"):
+        extract_row_features(model, dataset, [0, NUM_IMAGES], progress=False)
+
+
+def test_a_later_run_asking_for_more_rows_embeds_only_the_new_ones(model, dataset, tmp_path):
+    from hf_copa.features import extract_row_features
+
+    first = ImageCounter(model)
+    extract_row_features(model, dataset, [1, 2, 3], cache_dir=tmp_path, progress=False)
+    first.handle.remove()
+    second = ImageCounter(model)
+    more = extract_row_features(model, dataset, [2, 3, 4, 5], cache_dir=tmp_path, progress=False)
+    second.handle.remove()
+    again = ImageCounter(model)
+    cached = extract_row_features(model, dataset, [1, 5], cache_dir=tmp_path, progress=False)
+    again.handle.remove()
+    assert (first.images, second.images, again.images) == (3, 2, 0)
+    full = extract(model, dataset)
+    torch.testing.assert_close(more.features, full[[2, 3, 4, 5]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached.features, full[[1, 5]], rtol=0, atol=1e-6)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # one entry per model, processor and dataset
+
+
+def test_cache_files_get_the_users_permissions(model, dataset, tmp_path):
+    import os
+    import stat
+
+    extract(model, dataset, cache_dir=tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

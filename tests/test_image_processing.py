@@ -143,7 +143,8 @@ def test_numpy_inputs_match_the_equivalent_pil_image(processor, rgb_array):
     np.testing.assert_array_equal(pixels(processor, gray[:, :, None]), from_pil_gray)
     np.testing.assert_array_equal(pixels(processor, rgb_array.astype(np.float32) / 255), from_pil_rgb)
     np.testing.assert_array_equal(pixels(processor, gray.astype(np.float64) / 255), from_pil_gray)
-    np.testing.assert_array_equal(pixels(processor, rgb_array.transpose(2, 0, 1)), from_pil_rgb)  # CHW
+    with pytest.raises(ValueError, match=r"CHW\) or 3 grey images"):  # numpy CHW: ambiguous, refused
+        pixels(processor, rgb_array.transpose(2, 0, 1))
 
 
 def test_numpy_rgba_matches_pil_rgba(processor):
@@ -206,15 +207,18 @@ def write_text_file(tmp_path) -> str:
 
 BAD_INPUTS = {
     "int": (lambda tmp: 3, TypeError, "not an image"),
-    "dict": (lambda tmp: {"bytes": b"", "path": None}, TypeError, "not an image"),
+    "dict": (lambda tmp: {"bytes": b"", "path": None}, ValueError, "not an image"),
+    "dict_without_data": (lambda tmp: {"bytes": None, "path": None}, ValueError, "neither bytes nor a path"),
+    "garbage_bytes": (lambda tmp: b"\x00not an image", ValueError, "not an image file"),
     "none": (lambda tmp: None, TypeError, "not an image"),
     "missing_path": (lambda tmp: str(tmp / "missing.png"), ValueError, "does not exist"),
     "directory": (lambda tmp: tmp, ValueError, "is a directory"),
     "not_an_image_file": (write_text_file, ValueError, "not an image file"),
-    "four_dims": (lambda tmp: np.zeros((2, 8, 8, 3), dtype=np.uint8), ValueError, "list of images"),
-    "one_dim": (lambda tmp: np.zeros(8, dtype=np.uint8), ValueError, "HW, HWC or CHW"),
+    "batch_in_a_list": (lambda tmp: np.zeros((2, 8, 8, 3), dtype=np.uint8), ValueError, "batch of images"),
+    "five_dims": (lambda tmp: np.zeros((1, 2, 8, 8, 3), dtype=np.uint8), ValueError, "neither one image"),
+    "one_dim": (lambda tmp: np.zeros(8, dtype=np.uint8), ValueError, "neither one image"),
     "zero_size": (lambda tmp: np.zeros((0, 8, 3), dtype=np.uint8), ValueError, "no pixels"),
-    "five_channels": (lambda tmp: np.zeros((8, 8, 5), dtype=np.uint8), ValueError, "channel axis"),
+    "five_channels": (lambda tmp: torch.zeros((2, 8, 8, 5), dtype=torch.uint8), ValueError, "channel axis"),
     "nan": (lambda tmp: np.full((8, 8, 3), np.nan, dtype=np.float32), ValueError, "NaN"),
     "float_0_255": (lambda tmp: np.full((8, 8, 3), 200.0), ValueError, "[0, 1]"),
     "negative_ints": (lambda tmp: np.full((8, 8), -1, dtype=np.int16), ValueError, "integer pixel values"),
@@ -233,7 +237,7 @@ def test_bad_input_errors_name_the_list_index(processor, tmp_path, case):
     assert message in str(raised.value)
 
 
-@pytest.mark.parametrize("case", ["int", "missing_path", "four_dims", "nan"])
+@pytest.mark.parametrize("case", ["int", "missing_path", "five_dims", "nan"])
 def test_bad_single_input_errors(processor, tmp_path, case):
     make, error, message = BAD_INPUTS[case]
     with pytest.raises(error, match="image") as raised:

@@ -2,32 +2,42 @@
 
 `config` holds every hyperparameter, `data` the class splits, batches and augmentation, `networks` the
 multi-domain network, teachers and distillation losses, `checkpoints` what is written, `loop` the loop.
+Names are imported from their module on first use, so that `hf_copa.training.config` (which the `hf-copa`
+command reads for its flags) costs no import of the rest.
 """
 
-from .checkpoints import (
-    CHECKPOINTS_DIR,
-    TRAINING_LOG_FILE,
-    load_trained_classifiers,
-    save_trained_model,
-)
-from .config import MIXED_PRECISION_CHOICES, TrainingConfig
-from .data import augment, batch_rows, split_domain
-from .loop import TrainingResult, train, validate
-from .networks import cka_loss, logit_distillation_loss
+from __future__ import annotations
 
-__all__ = [
-    "CHECKPOINTS_DIR",
-    "MIXED_PRECISION_CHOICES",
-    "TRAINING_LOG_FILE",
-    "TrainingConfig",
-    "TrainingResult",
-    "augment",
-    "batch_rows",
-    "cka_loss",
-    "load_trained_classifiers",
-    "logit_distillation_loss",
-    "save_trained_model",
-    "split_domain",
-    "train",
-    "validate",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "CHECKPOINTS_DIR": "checkpoints",
+    "MIXED_PRECISION_CHOICES": "config",
+    "TRAINING_LOG_FILE": "checkpoints",
+    "TrainingConfig": "config",
+    "TrainingResult": "loop",
+    "augment": "data",
+    "batch_rows": "data",
+    "cka_loss": "networks",
+    "load_trained_classifiers": "checkpoints",
+    "logit_distillation_loss": "networks",
+    "save_trained_model": "checkpoints",
+    "split_domain": "data",
+    "train": "loop",
+    "validate": "loop",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'hf_copa.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

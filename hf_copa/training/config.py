@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..configuration_copa import CopaConfig
 from ..splits import SplitSpec
 from ..validation import CopaValueError, check_int, check_number
+
+if TYPE_CHECKING:
+    from ..configuration_copa import CopaConfig
 
 MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
 MIN_VAL_WAYS = 5  # Meta-Dataset episodes have 5 to 50 ways
@@ -107,6 +110,9 @@ class TrainingConfig:
         return [SplitSpec.parse(spec, default_split="train") for spec in self.datasets]
 
     def backbone_config(self) -> CopaConfig:
+        """The backbone's shape (imported here: the CLI reads this module for its flags, cheaply)."""
+        from ..configuration_copa import CopaConfig
+
         shape = {
             "hidden_sizes": self.hidden_sizes,
             "embedding_size": self.embedding_size,
