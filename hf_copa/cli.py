@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)"
     )
+    evaluate.add_argument(
+        "--precision",
+        choices=("auto", "float32"),
+        default=None,
+        help="feature extraction on CUDA: auto = bf16 autocast (the default), float32 = as the official "
+        "scripts (the default with --benchmark); CPUs always run float32",
+    )
     evaluate.add_argument("--episodes", type=int, default=600)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--seen", nargs="*", default=[], metavar="DOMAIN", help="domains the backbone saw")
@@ -443,6 +450,7 @@ def _evaluate(args) -> int:
         shuffle_buffer_size=args.shuffle_buffer_size,
         image_processor=processor,
         num_workers=args.workers,
+        mixed_precision=(args.precision or ("float32" if args.benchmark else "auto")) == "auto",
     )
     if state.is_main_process:
         result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)

@@ -270,14 +270,16 @@ def evaluate(
     shuffle_buffer_size: int = 0,
     image_processor: Any = None,
     num_workers: int = 0,
+    mixed_precision: bool = True,
 ) -> EvaluationResult:
     """Evaluate `methods` on `num_episodes` episodes per domain, split across Accelerate processes.
 
     Episodes are drawn first, from the labels alone (`sampling`: see `domain_episodes`); then only the rows
     they touch are embedded (cached), and the episodes are dealt to the processes. `image_processor`
     overrides the model's own (e.g. `CopaImageProcessor(decoder="meta-dataset")` for Meta-Dataset's
-    pixels); `num_workers` decode images in DataLoader workers. `model_name` labels the results (default:
-    the name or path the model was loaded from).
+    pixels); `num_workers` decode images in DataLoader workers; `mixed_precision=False` keeps feature
+    extraction in float32 on CUDA. `model_name` labels the results (default: the name or path the model
+    was loaded from).
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -319,6 +321,7 @@ def evaluate(
                     progress=progress and state.is_main_process,
                     device=state.device,
                     num_workers=num_workers,
+                    mixed_precision=mixed_precision,
                 )
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
         singles = largest_first(episodes)[state.process_index :: state.num_processes]
@@ -356,6 +359,7 @@ def evaluate(
         "sampling": sampling,
         **({"shuffle_buffer_size": shuffle_buffer_size} if sampling == "official" else {}),
         "decoder": getattr(processor, "decoder", None),
+        "mixed_precision": mixed_precision and state.device.type == "cuda",
         "processes": state.num_processes,
         "domains": {d.name: {"path": d.path, "split": d.split, **embedded.get(d.name, {})} for d in domains},
         "roles": {d.name: d.role for d in domains},

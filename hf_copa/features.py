@@ -126,6 +126,7 @@ def extract_dataset_features(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    mixed_precision: bool = True,
 ) -> torch.Tensor:
     """Backbone features of every row of `dataset`: a [len(dataset), d] float32 CPU tensor, row i = row i.
 
@@ -145,6 +146,8 @@ def extract_dataset_features(
         progress: Show a tqdm progress bar (counting images) while extracting.
         num_workers: Processes decoding and preprocessing images in parallel with the backbone (0: in the
             main process, the fastest choice on a few CPU cores; more keep a GPU fed).
+        mixed_precision: On CUDA, run under bf16 autocast (fp16 where bf16 is unsupported); False keeps
+            float32 there too, as the official test scripts run. No effect on CPU.
     """
     rows = np.arange(len(dataset)) if isinstance(dataset, datasets.Dataset) else None
     return extract_row_features(
@@ -158,6 +161,7 @@ def extract_dataset_features(
         device,
         progress,
         num_workers,
+        mixed_precision,
     ).features
 
 
@@ -172,6 +176,7 @@ def extract_row_features(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    mixed_precision: bool = True,
 ) -> RowFeatures:
     """Backbone features of the dataset rows `rows` (any order, repeats allowed), as `RowFeatures`.
 
@@ -185,7 +190,7 @@ def extract_row_features(
     wanted = _check_rows(rows, len(dataset))
     processor = _resolve_processor(model, image_processor)
     run_device = _resolve_device(model, device)
-    autocast_dtype = _autocast_dtype(run_device)
+    autocast_dtype = _autocast_dtype(run_device) if mixed_precision else None
     if dataset.format["type"] == "custom":
         warnings.warn(
             "The dataset's transform is ignored: features are computed from the raw images (a transform does "

@@ -1,0 +1,175 @@
+"""Converted Meta-Dataset sources through `hf-copa evaluate`: today's sampling, the official episodes, the
+Meta-Dataset decoder's pixels into the backbone, only the rows the episodes use, and the paper's benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_copa.cli import main
+from hf_copa.image_processing_copa import CopaImageProcessor
+from hf_copa.meta_dataset import convert_records, official_sampler
+
+from .conftest import REPO_ROOT, tiny_backbone
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def converted(reference_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("converted")
+    convert_records(reference_dir / "meta_dataset" / "records", output, progress=False)
+    return output
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    tiny_backbone().save_pretrained(folder)
+    return folder
+
+
+def evaluate(model_dir, *arguments, output: Path) -> dict:
+    base = ["evaluate", "--model", str(model_dir), "--method", "ncc", "copa", "--override", "copa:steps=3"]
+    assert main([*base, *arguments, "--no-progress", "--output", str(output)]) == 0
+    return json.loads(output.read_text())
+
+
+def test_evaluate_runs_on_a_converted_source_with_todays_sampling(converted, model_dir, tmp_path):
+    results = evaluate(
+        model_dir,
+        "--dataset",
+        str(converted / "md_plain"),
+        "--episodes",
+        "5",
+        "--cache-dir",
+        "none",
+        output=tmp_path / "r.json",
+    )
+    assert results["results"]["md_plain"]["copa"]["episodes"] == 5
+    assert results["config"]["sampling"] == "independent" and results["config"]["decoder"] == "pil"
+
+
+def test_official_sampling_evaluates_the_official_episodes_and_embeds_only_their_rows(
+    converted, model_dir, tmp_path
+):
+    source = converted / "md_plain"
+    arguments = [
+        "--dataset",
+        str(source),
+        "--episodes",
+        "6",
+        "--sampling",
+        "official",
+        "--protocol",
+        "5-way-1-shot",
+    ]
+    results = evaluate(
+        model_dir, *arguments, "--cache-dir", str(tmp_path / "cache"), output=tmp_path / "o.json"
+    )
+    sampler = official_sampler(source, protocol="5-way-1-shot", num_episodes=6)
+    domain = results["config"]["domains"]["md_plain"]
+    assert results["config"]["sampling"] == "official" and results["config"]["shuffle_buffer_size"] == 0
+    assert domain["rows_embedded"] == len(sampler.rows_used()) < domain["rows_in_split"] == 422
+    assert results["results"]["md_plain"]["ncc"]["episodes"] == 6
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", str(source), "--shuffle-buffer-size", "-"])
+    assert main(["evaluate", "--dataset", str(source), "--shuffle-buffer-size", "10", "--episodes", "2"]) == 2
+
+
+def test_the_meta_dataset_decoder_feeds_tensorflows_pixels_to_the_backbone(converted, reference_dir):
+    import datasets
+
+    from hf_copa.features import extract_row_features
+
+    decoded = np.load(reference_dir / "meta_dataset" / "decoded.npz")
+    split = datasets.load_dataset(str(converted / "md_plain"), split="test")
+    index = {
+        (int(c), int(r)): row
+        for row, (c, r) in enumerate(zip(split["label"], split["record_index"], strict=True))
+    }
+    rows = [index[(int(c), int(r))] for c, r in decoded["md_plain_records"]]
+    model = tiny_backbone(image_size=84)
+    processor = CopaImageProcessor(decoder="meta-dataset")
+    features = extract_row_features(model, split, rows, image_processor=processor, progress=False)
+    pixels = torch.from_numpy(decoded["md_plain_images"]).permute(0, 3, 1, 2)
+    expected = model.extract_features(pixels)
+    torch.testing.assert_close(features[rows], expected, rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def benchmark_root(converted, tmp_path_factory) -> Path:
+    """The reference sources under Meta-Dataset's names: a DAG one, a two-level one, two flat ones."""
+    root = tmp_path_factory.mktemp("root")
+    for name, source in {
+        "ilsvrc_2012": "md_dag",
+        "omniglot": "md_bilevel",
+        "dtd": "md_plain",
+        "mnist": "md_plain",
+    }.items():
+        (root / name).symlink_to(converted / source, target_is_directory=True)
+    return root
+
+
+def test_the_benchmark_runs_what_it_finds_with_the_papers_settings(
+    benchmark_root, model_dir, tmp_path, capsys
+):
+    arguments = ["--benchmark", "meta-dataset", "--data-root", str(benchmark_root), "--episodes", "4"]
+    results = evaluate(model_dir, *arguments, "--cache-dir", "none", output=tmp_path / "b.json")
+    config = results["config"]
+    assert list(results["results"]) == ["ilsvrc_2012", "omniglot", "dtd", "mnist"]  # the benchmark's order
+    assert config["roles"] == {"ilsvrc_2012": "seen", "omniglot": "seen", "dtd": "seen", "mnist": "unseen"}
+    assert (
+        config["sampling"] == "official" and config["decoder"] == "meta-dataset" and config["paper_settings"]
+    )
+    assert config["hyperparameters"]["mnist"]["copa"]["lr"] == 5e-3  # high-lr on MNIST
+    assert config["hyperparameters"]["dtd"]["copa"]["lr"] == 1e-3
+    assert set(results["averages"]) == {"seen", "unseen", "all"}
+    err = capsys.readouterr().err
+    assert "Not found under" in err and "aircraft" in err and "cifar100" in err
+    assert main(["evaluate", "--benchmark", "meta-dataset", "--data-root", str(tmp_path)]) == 2
+    assert "No converted Meta-Dataset source" in capsys.readouterr().err
+
+
+def test_one_and_two_processes_give_the_same_official_results(converted, model_dir, tmp_path):
+    def arguments(output: Path) -> list[str]:
+        return [
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(converted / "md_bilevel"),
+            "--sampling",
+            "official",
+            "--episodes",
+            "6",
+            "--method",
+            "ncc",
+            "copa",
+            "--override",
+            "copa:steps=3",
+            "--cache-dir",
+            "none",
+            "--no-progress",
+            "--per-episode",
+            "--output",
+            str(output),
+        ]
+
+    assert main(arguments(tmp_path / "one.json")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hf_copa.cli"]
+    completed = subprocess.run(
+        launch + arguments(tmp_path / "two.json"), env=env, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert two["config"]["processes"] == 2
+    assert one["episode_accuracies"] == two["episode_accuracies"] and one["results"] == two["results"]
