@@ -26,7 +26,9 @@ with one warning instead of failing mid-run (the original raises in ``compute_nu
 with fewer classes than the minimum way are skipped instead of rejected (original l. 357-362), a hierarchy
 may be combined with a fixed way (the original forbids it), examples are drawn uniformly without
 replacement from each class (the original streams them through a 1000-example shuffle buffer), and the
-ImageNet DAG ontology is not implemented (only the two-level, Omniglot-style one).
+ImageNet DAG ontology is not implemented (only the two-level, Omniglot-style one). For Meta-Dataset's own
+test episodes, image for image, on a converted source, use :func:`hf_copa.meta_dataset.official_sampler`
+(``hf-copa evaluate --sampling official``); both samplers share this module's protocol table.
 """
 
 from __future__ import annotations
@@ -326,7 +328,9 @@ def get_protocol(name: str, **options: Any) -> EpisodeProtocol:
 class Episode:
     """One few-shot task as row indices into the dataset (or feature cache) it was sampled from.
 
-    Labels are 0..C-1 in the order of the sorted ``class_ids``; rows are grouped by label.
+    Labels are 0..C-1 in the order of ``class_ids``: sorted for this module's samplers (rows grouped by
+    label), in order of first appearance for the official Meta-Dataset episodes
+    (:mod:`hf_copa.meta_dataset.sampling`, rows in the order its pipeline emits them).
     """
 
     index: int

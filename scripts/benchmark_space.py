@@ -5,6 +5,8 @@ count.
 Two times per cell: "adaptation" is the `adaptation_seconds` the Space shows (support features plus fitting
 the head); "run" is the whole `run_task` call (also the query features and, for tsa / copa+tsa, the plain
 backbone's features for the "before" plot). Reading and checking the uploads (`build_task`) is not timed.
+Each row also records the machine's 1-minute load average before it: on a shared machine, other work
+inflates the times (with 2 threads most of all), so compare only rows measured at a low load.
 
     PYTHONPATH=. python scripts/benchmark_space.py --json runs/benchmark_space.json
     PYTHONPATH=. python scripts/benchmark_space.py --folder my_task   # my_task/{support,query}/<class>/*
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -61,6 +64,7 @@ def main() -> None:
         for method in args.methods:
             run_task(model, next(iter(named_tasks.values())), method)  # warm-up, not timed
             for name, task in named_tasks.items():
+                load = os.getloadavg()[0]
                 adaptation, run = [], []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
@@ -78,12 +82,13 @@ def main() -> None:
                     "run_s": statistics.median(run),
                     "adaptation_all_s": adaptation,
                     "run_all_s": run,
+                    "load_before": load,
                 }
                 rows.append(row)
                 print(
                     f"{name:14s} {row['classes']} classes {row['support']:2d} support {row['queries']:2d} "
                     f"queries  {method:9s} {threads} thread(s): adaptation {row['adaptation_s']:6.2f} s, "
-                    f"run {row['run_s']:6.2f} s",
+                    f"run {row['run_s']:6.2f} s  (load {load:.2f})",
                     flush=True,
                 )
     print(

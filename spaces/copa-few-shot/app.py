@@ -71,7 +71,7 @@ prototype that the paper studies.
 
 **Limits:** {LIMITS.describe()} Requests are queued and run one at a time.
 
-**Your uploads:** {uploads.describe()}
+**Privacy:** {uploads.describe()}
 """
 
 
@@ -137,7 +137,7 @@ def classify_fn(uploads: SessionUploads):
         [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in API_PARAMETERS]
         + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)]
     )
-    classify.__annotations__ = {"request": gr.Request}
+    classify.__annotations__ = {"request": gr.Request}  # (gradio reads the type to pass the request)
     return classify
 
 
@@ -156,7 +156,6 @@ def push_fn(uploads: SessionUploads):
             return "⚠️ Something went wrong on the server while pushing; please try again."
         return f"✅ Pushed the adapted head to [{repo_id.strip()}]({url})."
 
-    push.__annotations__ = {"request": gr.Request}
     return push
 
 
@@ -165,7 +164,6 @@ def hold_fn(uploads: SessionUploads):
         """A gallery received uploads: this session holds them from now on (deleted when it ends)."""
         uploads.touch(session_of(request), gallery_paths(value))
 
-    hold.__annotations__ = {"request": gr.Request}
     return hold
 
 
@@ -176,7 +174,6 @@ def end_fn(uploads: SessionUploads):
         if deleted:
             logger.info("session ended: deleted %d uploaded file(s)", len(deleted))
 
-    end.__annotations__ = {"request": gr.Request}
     return end
 
 
