@@ -389,6 +389,27 @@ def test_the_after_view_is_what_the_classifier_compares(method):
         assert after.gap != pytest.approx(before.gap)
 
 
+@pytest.mark.parametrize("method", ["copa", "ncc", "tsa", "copa+tsa"])
+def test_a_request_embeds_each_image_at_most_twice(method):
+    """run_task goes through adapt_to_task once: feature learners embed each image once (the views reuse the
+    features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view)."""
+    from hf_copa.interactive import Task, run_task
+
+    backbone = hf_copa.CopaModel(hf_copa.CopaConfig(**TINY_CONFIG)).eval()
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(9)]
+    task = Task(images[:6], ["a", "b", "c"] * 2, images[6:], ["q0", "q1", "q2"])
+    embedded = []
+    hook = backbone.register_forward_pre_hook(lambda module, args: embedded.append(len(args[0])))
+    try:
+        result = run_task(backbone, task, method, **({} if method == "ncc" else {"steps": 2}))
+    finally:
+        hook.remove()
+    plain = len(task.support_images) + len(task.query_images)
+    assert sum(embedded) == (plain if method in ("copa", "ncc") else plain + len(task.query_images))
+    assert sum(embedded) <= 2 * plain and result.probabilities.shape == (3, 3)
+
+
 @pytest.mark.parametrize("method", ["tsa", "copa+tsa"])
 def test_the_after_view_of_a_tsa_head_uses_its_adapted_backbone(method):
     """Before: the plain backbone's features and their class means. After: the adapted backbone's features
