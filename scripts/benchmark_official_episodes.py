@@ -94,15 +94,9 @@ def _sampler_cell(source: Path, protocol: str, episodes: int) -> dict:
 
 
 def _end_to_end(converted: Path, work: Path, episodes: int) -> dict:
-    root = work / "benchmark_root"
-    root.mkdir()
-    for name, source in {
-        "ilsvrc_2012": "md_dag",
-        "omniglot": "md_bilevel",
-        "dtd": "md_plain",
-        "mnist": "md_plain",
-    }.items():
-        (root / name).symlink_to(converted / source, target_is_directory=True)
+    from tests.support.meta_dataset_fixtures import benchmark_layout
+
+    root = benchmark_layout(converted, work / "benchmark_root")
     output = work / "benchmark.json"
     command = [
         sys.executable,

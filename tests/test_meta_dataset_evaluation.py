@@ -16,6 +16,7 @@ import torch
 from hf_copa.cli import main
 from hf_copa.image_processing_copa import CopaImageProcessor
 from hf_copa.meta_dataset import convert_records, official_sampler
+from tests.support.meta_dataset_fixtures import benchmark_layout
 
 from .conftest import REPO_ROOT, tiny_backbone
 
@@ -106,16 +107,7 @@ def test_the_meta_dataset_decoder_feeds_tensorflows_pixels_to_the_backbone(conve
 
 @pytest.fixture(scope="module")
 def benchmark_root(converted, tmp_path_factory) -> Path:
-    """The reference sources under Meta-Dataset's names: a DAG one, a two-level one, two flat ones."""
-    root = tmp_path_factory.mktemp("root")
-    for name, source in {
-        "ilsvrc_2012": "md_dag",
-        "omniglot": "md_bilevel",
-        "dtd": "md_plain",
-        "mnist": "md_plain",
-    }.items():
-        (root / name).symlink_to(converted / source, target_is_directory=True)
-    return root
+    return benchmark_layout(converted, tmp_path_factory.mktemp("root") / "converted")
 
 
 def test_the_benchmark_runs_what_it_finds_with_the_papers_settings(

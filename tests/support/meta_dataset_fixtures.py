@@ -25,6 +25,7 @@ import numpy as np
 from hf_copa.meta_dataset.records import RecordWriter, frame_record, scan_records
 
 __all__ = [
+    "benchmark_layout",
     "encoded_image",
     "flip_byte",
     "record_spans",
@@ -207,3 +208,17 @@ def set_count(folder: str | os.PathLike[str], class_id: int, count: int) -> None
     spec = json.loads(path.read_text(encoding="utf-8"))
     spec["images_per_class"][str(class_id)] = count
     path.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+
+
+# The reference sources under Meta-Dataset's names: one of each spec kind, a flat one both seen and unseen.
+BENCHMARK_LAYOUT = {"ilsvrc_2012": "md_dag", "omniglot": "md_bilevel", "dtd": "md_plain", "mnist": "md_plain"}
+
+
+def benchmark_layout(converted: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """A `--data-root` for `hf-copa evaluate --benchmark meta-dataset` made of the converted reference
+    sources (`BENCHMARK_LAYOUT`), as symbolic links under `root`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, source in BENCHMARK_LAYOUT.items():
+        (root / name).symlink_to(Path(converted) / source, target_is_directory=True)
+    return root
