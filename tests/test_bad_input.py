@@ -70,17 +70,23 @@ def other_models(tmp_path_factory) -> Path:
         ("does/not/exist", ["does not exist"]),
     ],
 )
-def test_evaluate_and_classify_refuse_what_is_not_a_copa_backbone(other_models, folder, phrases):
+def test_classify_refuses_what_is_not_a_copa_backbone(other_models, folder, phrases):
     model = str(other_models / folder)
-    for command in (
-        ["classify", "--model", model, str(SAMPLES / "support"), str(SAMPLES / "query" / "fish")],
-    ):
-        completed = run_cli(*command)
-        assert completed.returncode == 2, completed.stdout
-        message = completed.stderr
-        assert message.startswith("hf-copa: error:") and "Traceback" not in message
-        assert all(p in message for p in phrases), message
-        assert "MISSING" not in message and "->" not in completed.stdout  # no predictions
+    completed = run_cli(
+        "classify", "--model", model, str(SAMPLES / "support"), str(SAMPLES / "query" / "fish")
+    )
+    assert completed.returncode == 2, completed.stdout
+    message = completed.stderr
+    assert message.startswith("hf-copa: error:") and "Traceback" not in message
+    assert all(p in message for p in phrases), message
+    assert "MISSING" not in message and "->" not in completed.stdout  # no predictions
+
+
+def test_evaluate_refuses_another_model_type_before_any_episode(other_models, tiny_domain, capsys):
+    _, dataset = tiny_domain
+    assert main(evaluate_arguments(other_models / "vit", dataset)) == 2
+    captured = capsys.readouterr()
+    assert "'vit' model" in captured.err and "| domain |" not in captured.out
 
 
 def test_the_python_api_refuses_them_too(other_models):
