@@ -317,11 +317,12 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _classify(args, support_paths, support_labels, query_images(args.query), None)
     if args.command == "train":
         return _train(args, argv)
+    if args.command == "meta-dataset":
+        return _meta_dataset(args, argv)
     commands = {
         "evaluate": _evaluate,
         "convert": _convert,
         "model-card": _model_card,
-        "meta-dataset": _meta_dataset,
     }
     return commands[args.command](args)
 
@@ -472,9 +473,15 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
 
     domains = [Domain.parse(spec) for spec in args.dataset]
     sampling, processor = args.sampling or "independent", None
-    if args.benchmark:
-        from .meta_dataset import benchmark
+    if not (args.benchmark or args.paper_settings):
+        if not domains:
+            raise CopaValueError(
+                "Give at least one --dataset PATH_OR_ID[:SPLIT], or --benchmark meta-dataset."
+            )
+        return domains, sampling, processor
+    from .meta_dataset import benchmark
 
+    if args.benchmark:
         if args.dataset or not args.data_root:
             raise CopaValueError(
                 "--benchmark meta-dataset takes the converted sources from --data-root CONVERTED (the OUTPUT "
@@ -494,20 +501,17 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
         sampling, processor = args.sampling or "official", "meta-dataset"
     elif not domains:
         raise CopaValueError("Give at least one --dataset PATH_OR_ID[:SPLIT], or --benchmark meta-dataset.")
-    if args.paper_settings or args.benchmark:
-        from .meta_dataset import benchmark
-
-        for domain in domains:
-            settings = benchmark.paper_settings(domain.name, args.protocol)
-            if not settings:
-                warnings.warn(
-                    f"--paper-settings: {domain.name!r} is no Meta-Dataset source; its defaults stay.",
-                    stacklevel=2,
-                )
-            for method, values in settings.items():
-                domain.overrides.setdefault(method, {}).update(values)
-            if domain.role is None:
-                domain.role = benchmark.role(domain.name)
+    for domain in domains:  # the papers' settings: --paper-settings, implied by --benchmark
+        settings = benchmark.paper_settings(domain.name, args.protocol)
+        if not settings:
+            warnings.warn(
+                f"--paper-settings: {domain.name!r} is no Meta-Dataset source; its defaults stay.",
+                stacklevel=2,
+            )
+        for method, values in settings.items():
+            domain.overrides.setdefault(method, {}).update(values)
+        if domain.role is None:
+            domain.role = benchmark.role(domain.name)
     return domains, sampling, processor
 
 
@@ -543,7 +547,7 @@ def _train(args, argv: list[str] | None) -> int:
                 f"Bad --teacher {text!r}; use DOMAIN=MODEL_FOLDER, e.g. omniglot=teachers/omniglot."
             )
         teachers[domain] = folder
-    command = "hf-copa " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = _command_line(argv)
     config = TrainingConfig(
         **fields, datasets=args.dataset, output_dir=args.output_dir, teachers=teachers, command=command
     )
@@ -614,7 +618,12 @@ def _convert(args) -> int:
     return 0
 
 
-def _meta_dataset(args) -> int:
+def _command_line(argv: list[str] | None) -> str:
+    """How this command was started, for what it records (a model card, a dataset card)."""
+    return "hf-copa " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
+def _meta_dataset(args, argv: list[str] | None) -> int:
     from .meta_dataset import convert_records
 
     check_int("--max-shard-size", args.max_shard_size, 1)
@@ -627,7 +636,7 @@ def _meta_dataset(args) -> int:
         max_shard_bytes=args.max_shard_size * 1_000_000,
         progress=not args.no_progress,
         overwrite=args.overwrite,
-        command="hf-copa " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command_line(argv),
     )
     for source in converted:
         splits = ", ".join(
