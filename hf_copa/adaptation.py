@@ -29,9 +29,10 @@ class TaskAdaptation:
     Attributes:
         head: The adapted head.
         support_features: [N, d] support features the head was fitted on (for TSA learners: through the
-            adapted backbone, the features its prototypes are the class means of).
+            adapted backbone, the features its prototypes are the class means of; for learners with
+            `feature_kind="maps"`: the maps [N, d, h, w]).
         query_features: [Nq, d] features of the query images as the head scores them (through the adapted
-            backbone for TSA learners), or None when no queries were given.
+            backbone for TSA learners; maps for heads that score maps), or None when no queries were given.
         seconds: Wall time of the adaptation itself: support features plus fitting, not the queries.
     """
 
@@ -92,13 +93,16 @@ def adapt_to_task(
         head, support_features = learner.adapt_backbone(backbone, pixel_values, support_labels)
     else:
         if support_features is None:
-            support_features = backbone.extract_features(support_images, image_processor)
+            spatial = learner.feature_kind == "maps"
+            support_features = backbone.extract_features(support_images, image_processor, spatial=spatial)
         _check_counts(len(support_features), support_labels)
         head = learner.fit(support_features, support_labels)
     seconds = time.perf_counter() - started
 
     if query_images is not None:
-        query_features = backbone.extract_features(query_images, image_processor, adapters=head.adapters)
+        query_features = backbone.extract_features(
+            query_images, image_processor, spatial=head.feature_kind == "maps", **head.backbone_state()
+        )
     return TaskAdaptation(head, support_features, query_features, seconds)
 
 

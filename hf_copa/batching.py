@@ -35,14 +35,15 @@ def padded_shape(num_support: int, num_classes: int) -> tuple[int, int]:
 def pad_support_sets(
     support_sets: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[(features [N_i, d], labels [N_i])] -> features [B, N, d], labels [B, N] (-1 = padding), classes C.
+    """[(features [N_i, ...], labels [N_i])] -> features [B, N, ...], labels [B, N] (-1 = padding), classes C.
 
-    N and C are the largest sizes rounded up to ROW_MULTIPLE and CLASS_MULTIPLE.
+    N and C are the largest sizes rounded up to ROW_MULTIPLE and CLASS_MULTIPLE; features are vectors
+    [N_i, d] or feature maps [N_i, d, h, w].
     """
     first = support_sets[0][0]
     rows = padded_size(max(len(f) for f, _ in support_sets), ROW_MULTIPLE)
     classes = padded_size(max(int(labels.max()) + 1 for _, labels in support_sets), CLASS_MULTIPLE)
-    features = first.new_zeros(len(support_sets), rows, first.shape[1])
+    features = first.new_zeros(len(support_sets), rows, *first.shape[1:])
     labels = torch.full((len(support_sets), rows), -1, dtype=torch.long, device=first.device)
     for b, (episode_features, episode_labels) in enumerate(support_sets):
         features[b, : len(episode_features)] = episode_features

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .bundled import DEFAULT_MODEL
 from .folders import load_class_folders, query_images, sample_task_dir
-from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names
+from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names, shown_value
 from .training.config import MIXED_PRECISION_CHOICES, TrainingConfig
 from .validation import CopaError, CopaValueError, check_int
 
@@ -274,15 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per hyperparameter any registered learner declares (`--lr`, `--lr-beta`, ...), typed like
-    its defaults; its help says which methods take it and their defaults."""
+    its defaults (a number, a word, or true/false); its help says which methods take it and their defaults."""
     for name, defaults in hyperparameter_names().items():
-        kind = (
-            int if all(isinstance(v, int) and not isinstance(v, bool) for v in defaults.values()) else float
-        )
-        taken = ", ".join(f"{method} {value:g}" for method, value in defaults.items())
+        values = list(defaults.values())
+        if all(isinstance(v, bool) for v in values):
+            kind = parse_bool
+        elif all(isinstance(v, str) for v in values):
+            kind = str
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            kind = int
+        else:
+            kind = float
+        taken = ", ".join(f"{method} {shown_value(value)}" for method, value in defaults.items())
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"default: {taken}"
         )
+
+
+def parse_bool(text: str) -> bool:
+    """`true` / `false` (also yes / no, 1 / 0) for true-or-false hyperparameters."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def hyperparameters_from(args: argparse.Namespace) -> dict:

@@ -68,6 +68,8 @@ def parse_override(text: str) -> tuple[str | None, str, str, Any]:
 
 
 def _parse_value(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     for cast in (int, float):
         try:
             return cast(value)
@@ -90,10 +92,10 @@ def adapt_and_score(
     device: torch.device | str = "cpu",
 ) -> list[float]:
     """Query accuracy of each episode after batched adaptation of its support set; `features` is a
-    [num_rows, d] tensor or `features.RowFeatures`, indexed by dataset row."""
+    [num_rows, d] tensor (maps: [num_rows, d, h, w]) or `features.RowFeatures`, indexed by dataset row."""
     learner = get_learner(method, **hyperparameters)
     support, labels, num_classes = pad_episodes(features, episodes)
-    heads = learner.fit_batch(support.to(device), labels.to(device), num_classes)
+    heads = learner.check_converged(learner.fit_batch(support.to(device), labels.to(device), num_classes))
     accuracies = []
     for head, episode in zip(heads, episodes, strict=True):
         query = features[torch.as_tensor(episode.query_indices)].to(device)
@@ -148,8 +150,18 @@ class EvaluationResult:
     config: dict[str, Any]
     episode_accuracies: dict[str, dict[str, list[float]]] = field(default_factory=dict, repr=False)
 
+    @property
+    def average_rank(self) -> dict[str, float]:
+        """Method -> its rank per domain averaged over the domains (see `average_ranks`)."""
+        return average_ranks(self.results, self.config["methods"])
+
     def to_json(self, per_episode: bool = False) -> dict[str, Any]:
-        data = {"results": self.results, "averages": self.averages, "config": self.config}
+        data = {
+            "results": self.results,
+            "averages": self.averages,
+            "average_rank": self.average_rank,
+            "config": self.config,
+        }
         if per_episode:
             data["episode_accuracies"] = self.episode_accuracies
         return data
@@ -169,7 +181,33 @@ class EvaluationResult:
             lines.append(
                 f"| **average ({group})** | | " + " | ".join(f"{per_method[m]:.2f}" for m in methods) + " |"
             )
+        if len(methods) > 1:
+            ranks = self.average_rank
+            lines.append("| **average rank** | | " + " | ".join(f"{ranks[m]:.2f}" for m in methods) + " |")
         return "\n".join(lines)
+
+
+def average_ranks(
+    results: dict[str, dict[str, dict[str, float]]], methods: Sequence[str]
+) -> dict[str, float]:
+    """The papers' Average Rank: on each domain the methods are ranked by mean accuracy (1 = best), and each
+    method's ranks are averaged over the domains.
+
+    Accuracies are compared as the table shows them (rounded to 2 decimals), so methods the table shows
+    equal are tied; tied methods share the mean of the ranks they span (two methods tied for first both get
+    1.5), which keeps the ranks of a domain summing to 1 + 2 + ... + M whatever the ties.
+    """
+    methods = list(methods)
+    if not results:
+        return {m: float("nan") for m in methods}
+    totals = dict.fromkeys(methods, 0.0)
+    for per_method in results.values():
+        shown = {m: round(per_method[m]["mean"], 2) for m in methods}
+        for m in methods:
+            better = sum(shown[other] > shown[m] for other in methods)
+            tied = sum(shown[other] == shown[m] for other in methods)  # counts m itself
+            totals[m] += better + (tied + 1) / 2
+    return {m: round(totals[m] / len(results), 4) for m in methods}
 
 
 def summarise(
@@ -306,23 +344,26 @@ def evaluate(
         episodes = domain_episodes(
             domain, dataset, protocol, num_episodes, seed, sampling, shuffle_buffer_size
         )
-        features = None
-        if not all(on_backbone.values()):
+        features: dict[str, Any] = {}  # feature kind ("pooled", "maps") -> RowFeatures
+        kinds = sorted({learner_class(m).feature_kind for m in methods if not on_backbone[m]})
+        if kinds:
             rows = rows_used(episodes)
             embedded[domain.name] = {"rows_embedded": len(rows), "rows_in_split": len(dataset)}
-            with state.main_process_first():
-                features = extract_row_features(
-                    model,
-                    dataset,
-                    rows,
-                    image_processor=processor,
-                    image_column=domain.image_column,
-                    cache_dir=cache_dir,
-                    progress=progress and state.is_main_process,
-                    device=state.device,
-                    num_workers=num_workers,
-                    mixed_precision=mixed_precision,
-                )
+            for kind in kinds:
+                with state.main_process_first():
+                    features[kind] = extract_row_features(
+                        model,
+                        dataset,
+                        rows,
+                        image_processor=processor,
+                        image_column=domain.image_column,
+                        cache_dir=cache_dir,
+                        progress=progress and state.is_main_process,
+                        device=state.device,
+                        num_workers=num_workers,
+                        mixed_precision=mixed_precision,
+                        spatial=kind == "maps",
+                    )
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
         singles = largest_first(episodes)[state.process_index :: state.num_processes]
         accuracies[domain.name] = {}
@@ -344,7 +385,10 @@ def evaluate(
                 else:
                     for chunk in chunks:
                         chunk_episodes = [episodes[i] for i in chunk]
-                        scores = adapt_and_score(features, chunk_episodes, method, hp, device=state.device)
+                        kind = learner_class(method).feature_kind
+                        scores = adapt_and_score(
+                            features[kind], chunk_episodes, method, hp, device=state.device
+                        )
                         local += list(zip(chunk, scores, strict=True))
                         bar.update(len(chunk))
             gathered = gather_object(local) if state.num_processes > 1 else local

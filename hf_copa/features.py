@@ -127,8 +127,10 @@ def extract_dataset_features(
     progress: bool = True,
     num_workers: int = 0,
     mixed_precision: bool = True,
+    spatial: bool = False,
 ) -> torch.Tensor:
-    """Backbone features of every row of `dataset`: a [len(dataset), d] float32 CPU tensor, row i = row i.
+    """Backbone features of every row of `dataset`: a [len(dataset), d] float32 CPU tensor, row i = row i
+    (with `spatial=True`, the last stage's maps before pooling, [len(dataset), d, h, w]).
 
     Args:
         model: A frozen backbone with `extract_features(pixel_values, batch_size=...)`, e.g. `CopaModel`.
@@ -148,6 +150,9 @@ def extract_dataset_features(
             main process, the fastest choice on a few CPU cores; more keep a GPU fed).
         mixed_precision: On CUDA, run under bf16 autocast (fp16 where bf16 is unsupported); False keeps
             float32 there too, as the official test scripts run. No effect on CPU.
+        spatial: Feature maps [d, h, w] per image instead of pooled vectors (for learners with
+            `feature_kind="maps"`): d*h*w*4 bytes an image, 72 KiB for URL's ResNet-18 at 84 pixels. They are
+            cached apart from the pooled features.
     """
     rows = np.arange(len(dataset)) if isinstance(dataset, datasets.Dataset) else None
     return extract_row_features(
@@ -162,6 +167,7 @@ def extract_dataset_features(
         progress,
         num_workers,
         mixed_precision,
+        spatial,
     ).features
 
 
@@ -177,6 +183,7 @@ def extract_row_features(
     progress: bool = True,
     num_workers: int = 0,
     mixed_precision: bool = True,
+    spatial: bool = False,
 ) -> RowFeatures:
     """Backbone features of the dataset rows `rows` (any order, repeats allowed), as `RowFeatures`.
 
@@ -201,11 +208,11 @@ def extract_row_features(
     cache_paths, key_parts = None, None
     cached = RowFeatures(torch.empty(0, dtype=torch.long), torch.empty(0, 0))
     if cache_dir is not None:
-        key_parts = _cache_key_parts(model, dataset, processor, image_column, autocast_dtype)
+        key_parts = _cache_key_parts(model, dataset, processor, image_column, autocast_dtype, spatial)
         if key_parts is not None:
             key = _hash_json(key_parts)
             cache_paths = _CachePaths(Path(cache_dir).expanduser(), key)
-            cached = _load_cached(cache_paths, len(dataset)) or cached
+            cached = _load_cached(cache_paths, len(dataset), 4 if spatial else 2) or cached
     missing = wanted[~torch.isin(wanted, cached.rows)]
     if len(missing) == 0:
         return _subset(cached, wanted)
@@ -220,6 +227,7 @@ def extract_row_features(
         autocast_dtype,
         progress,
         num_workers,
+        spatial,
     )
     merged = _merge(cached, RowFeatures(missing, computed))
     if cache_paths is not None:
@@ -403,6 +411,7 @@ def _extract(
     autocast_dtype: torch.dtype | None,
     progress: bool,
     num_workers: int,
+    spatial: bool = False,
 ) -> torch.Tensor:
     loader = DataLoader(
         _PixelBatches(dataset, rows, processor, image_column, batch_size),
@@ -421,15 +430,18 @@ def _extract(
     with bar, frozen_backbone(model, device), torch.inference_mode(), autocast:
         for pixel_values in loader:
             count = len(pixel_values)
-            batch = model.extract_features(pixel_values.to(device, non_blocking=True), batch_size=count)
-            if batch.ndim != 2 or len(batch) != count:
+            pixel_values = pixel_values.to(device, non_blocking=True)
+            kind = {"spatial": True} if spatial else {}
+            batch = model.extract_features(pixel_values, batch_size=count, **kind)
+            if batch.ndim != (4 if spatial else 2) or len(batch) != count:
+                expected = "[num_images, feature_dim, h, w]" if spatial else "[num_images, feature_dim]"
                 raise ValueError(
                     f"model.extract_features returned shape {tuple(batch.shape)} for {count} images; "
-                    "expected [num_images, feature_dim]."
+                    f"expected {expected}."
                 )
             if features is None:
                 with torch.inference_mode(False):  # learners need an ordinary (autograd-able) tensor
-                    features = torch.empty(len(rows), batch.shape[1], dtype=torch.float32)
+                    features = torch.empty(len(rows), *batch.shape[1:], dtype=torch.float32)
             features[start : start + count].copy_(batch)
             start += count
             bar.update(count)
@@ -454,6 +466,7 @@ def _cache_key_parts(
     processor: Any,
     image_column: str,
     autocast_dtype: torch.dtype | None,
+    spatial: bool = False,
 ) -> dict[str, Any] | None:
     """Everything the features depend on, as JSON; None when the dataset cannot be identified."""
     fingerprint = getattr(dataset, "_fingerprint", None)
@@ -480,6 +493,8 @@ def _cache_key_parts(
         "dataset": {"fingerprint": fingerprint, "num_rows": len(dataset), "image_column": image_column},
         "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
     }
+    if spatial:  # only then, so the keys of pooled features stay what they were
+        parts["output"] = "feature maps"
     return json.loads(_canonical_json(parts))  # plain JSON types from here on
 
 
@@ -497,7 +512,7 @@ def _checksum(rows: torch.Tensor, features: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _load_cached(paths: _CachePaths, num_rows: int) -> RowFeatures | None:
+def _load_cached(paths: _CachePaths, num_rows: int, ndim: int = 2) -> RowFeatures | None:
     """The cached rows if the entry exists and checks out, else None (warning when it is damaged)."""
     if not paths.features.exists():
         return None
@@ -506,7 +521,7 @@ def _load_cached(paths: _CachePaths, num_rows: int) -> RowFeatures | None:
             metadata = handle.metadata() or {}
             features = handle.get_tensor(_FEATURES_TENSOR).clone()
             rows = handle.get_tensor(_ROWS_TENSOR).clone()
-        problem = _cache_entry_problem(rows, features, metadata, paths.key, num_rows)
+        problem = _cache_entry_problem(rows, features, metadata, paths.key, num_rows, ndim)
     except Exception as err:  # safetensors reports damage with several error types
         problem = f"it cannot be read ({type(err).__name__}: {err})"
     if problem is None:
@@ -520,13 +535,18 @@ def _load_cached(paths: _CachePaths, num_rows: int) -> RowFeatures | None:
 
 
 def _cache_entry_problem(
-    rows: torch.Tensor, features: torch.Tensor, metadata: dict[str, str], key: str, num_rows: int
+    rows: torch.Tensor,
+    features: torch.Tensor,
+    metadata: dict[str, str],
+    key: str,
+    num_rows: int,
+    ndim: int = 2,
 ) -> str | None:
     if metadata.get("key") != key:
         return "its key does not match its file name"
-    if features.dtype != torch.float32 or features.ndim != 2 or len(features) != len(rows):
-        shape = tuple(features.shape)
-        return f"it holds a {features.dtype} tensor of shape {shape}, not [{len(rows)}, d] float32"
+    if features.dtype != torch.float32 or features.ndim != ndim or len(features) != len(rows):
+        shape, wanted = tuple(features.shape), "d" if ndim == 2 else "d, h, w"
+        return f"it holds a {features.dtype} tensor of shape {shape}, not [{len(rows)}, {wanted}] float32"
     if rows.dtype != torch.int64 or rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= num_rows)):
         return f"its rows are not row numbers of a {num_rows}-row split"
     if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all()):
@@ -543,7 +563,13 @@ def _save_cached(paths: _CachePaths, key_parts: dict[str, Any], entry: RowFeatur
         "sha256": _checksum(entry.rows, entry.features),
         "format_version": str(CACHE_FORMAT_VERSION),
     }
-    description = {"key": paths.key, "rows": len(entry), "dim": entry.features.shape[1], "parts": key_parts}
+    description = {
+        "key": paths.key,
+        "rows": len(entry),
+        "dim": entry.features.shape[1],
+        "shape": list(entry.features.shape[1:]),
+        "parts": key_parts,
+    }
     try:
         paths.directory.mkdir(parents=True, exist_ok=True)
         write_atomically(

@@ -1,17 +1,26 @@
 """The adapted head: what adaptation learns for one task, and its artifact (save, load, push, card).
 
-`AdaptedHead` scores query features against the task's prototypes. Like a PEFT adapter, its artifact is
-small (a few MB for 512-d features) and names the backbone it was adapted on instead of holding it. A folder
-(or Hub repo) holds:
+A head scores query features by its method's rule: `AdaptedHead` is the cosine rule of NCC, URL, CoPA and
+TSA (scale * cos(q A^T, P B^T)); `LinearHead` is a linear (or cosine) classifier with bias (Finetune,
+fo-Proto-MAML); `MahalanobisHead` scores by per-class precision matrices (Simple CNAPS' classifier). Each
+kind is registered here under its `scoring` name, which the artifact records. Like a PEFT adapter, the
+artifact is small (a few MB for 512-d features) and names the backbone it was adapted on instead of holding
+it. A folder (or Hub repo) holds:
 
-- `head.safetensors`: `prototypes` [C, d], plus `image_projection` / `prototype_projection` [d, d] when the
-  method learned them (stored once when they are equal, as URL's single head is), and for TSA methods the
-  residual adapters inside the backbone as `adapters.<convolution>` [out, in, 1, 1];
+- `head.safetensors`: `prototypes` [C, d] (the support set's class means), the rule's own tensors
+  (`image_projection` / `prototype_projection` [d, d], stored once when they are equal as URL's single head
+  is; `weight` [C, d] and `bias` [C]; `precisions` [C, d, d]), and what the head changes inside the backbone:
+  TSA's residual adapters as `adapters.<convolution>` [out, in, 1, 1], fine-tuned backbone parameters as
+  `backbone.<parameter>`;
 - `config.json`: the base model's `CopaConfig` (so transformers' Auto classes and `pipeline` find the
   model), `id2label` / `label2id`, and the head's metadata under `copa_head` (labels with their JSON types,
-  method, hyperparameters, scale, support shots, base model id + revision, hf_copa version);
+  method, scoring rule, hyperparameters, scale, support shots, base model id + revision, hf_copa version);
 - `preprocessor_config.json`: the image processor, so `pipeline` finds one;
 - `README.md`: the model card.
+
+Format versions: 1 is the cosine rule alone, 2 adds adapters, 3 adds the other scoring rules and
+fine-tuned backbone parameters. A head is written with the lowest version that holds it, so older hf_copa
+releases keep reading what they can score and refuse (rather than misread) what they cannot.
 
 This module knows nothing of `CopaForFewShotClassification`; the classifier's own methods call it.
 """
@@ -25,7 +34,7 @@ import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,8 +43,8 @@ from torch import nn
 
 from ._version import __version__
 from .files import save_safetensors, write_text_atomically
-from .losses import cosine_scores
-from .validation import CopaTypeError, CopaValueError, as_feature_matrix
+from .losses import cosine_scores, tf_l2_normalize
+from .validation import CopaTypeError, CopaValueError, as_feature_maps, as_feature_matrix
 
 if TYPE_CHECKING:
     from .configuration_copa import CopaConfig
@@ -45,27 +54,36 @@ CONFIG_NAME = "config.json"
 PROCESSOR_NAME = "preprocessor_config.json"
 CARD_NAME = "README.md"
 HEAD_CONFIG_KEY = "copa_head"
-# Format 2 adds adapters; heads without them are still written as format 1, so that older hf_copa releases
-# keep reading them, while refusing (rather than silently misreading) heads that need adapters.
-FORMAT_VERSION = 2
+# 1: the cosine rule; 2: + adapters; 3: + other scoring rules and fine-tuned backbone parameters. Each head
+# is written as the lowest version that holds it (see `format_version`).
+FORMAT_VERSION = 3
 ADAPTER_PREFIX = "adapters."
+BACKBONE_PREFIX = "backbone."
 ARTIFACT_FILES = (CONFIG_NAME, HEAD_WEIGHTS_NAME, PROCESSOR_NAME)
 CARD_TEMPLATE = Path(__file__).parent / "assets" / "model_cards" / "adapted_head.md"
 _JSON_LABEL_TYPES = (str, int, float, bool, type(None))
 
 
 class AdaptedHead(nn.Module):
-    """What adaptation learns for one task: logits = scale * cos(q A^T, P B^T).
+    """What adaptation learns for one task; this class is the cosine rule, logits = scale * cos(q A^T, P B^T).
 
     `prototypes` are the class means of the support features; `image_projection`
     (A) and `prototype_projection` (B) are d x d maps, None meaning identity
-    (NCC). URL's single head is A = B; CoPA learns both.
+    (NCC). URL's single head is A = B; CoPA learns both. The other scoring rules
+    are subclasses (`LinearHead`, `MahalanobisHead`), registered by `scoring`.
 
-    `adapters` (TSA, CoPA+TSA) are residual adapters inside the backbone, by
-    convolution name (see `hf_copa.adapters`): the prototypes and the query
-    features are then those of the backbone run with them,
-    `backbone.extract_features(images, adapters=head.adapters)`.
+    What a head changes inside the backbone, the query features are those of the
+    backbone run with it (`backbone.extract_features(images, **head.backbone_state())`):
+    `adapters` (TSA, CoPA+TSA) are residual adapters by convolution name (see
+    `hf_copa.adapters`); `backbone_weights` (methods that fine-tune all layers)
+    replace backbone parameters by name, leaving the shared backbone untouched.
     """
+
+    scoring: ClassVar[str] = "cosine"
+    # What `logits` takes: pooled features [N, d], or feature maps [N, d, h, w] before pooling.
+    feature_kind: ClassVar[str] = "pooled"
+    # The tensors of the rule besides `prototypes`, as stored in head.safetensors.
+    rule_tensor_names: ClassVar[tuple[str, ...]] = ("image_projection", "prototype_projection")
 
     def __init__(
         self,
@@ -77,6 +95,7 @@ class AdaptedHead(nn.Module):
         hyperparameters: dict[str, Any] | None = None,
         train_losses: Sequence[float] = (),
         adapters: Mapping[str, torch.Tensor] | None = None,
+        backbone_weights: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("prototypes", prototypes.detach().clone())
@@ -84,6 +103,9 @@ class AdaptedHead(nn.Module):
         self.register_buffer("prototype_projection", _detached(prototype_projection))
         # Not buffers: their names hold dots. `_apply` moves them with the module.
         self.adapters = {name: alpha.detach().clone() for name, alpha in (adapters or {}).items()}
+        self.backbone_weights = {
+            name: weight.detach().clone() for name, weight in (backbone_weights or {}).items()
+        }
         self.scale = float(scale)
         self.method = method
         self.hyperparameters = dict(hyperparameters or {})
@@ -92,6 +114,7 @@ class AdaptedHead(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> AdaptedHead:
         super()._apply(fn, recurse)
         self.adapters = {name: fn(alpha) for name, alpha in self.adapters.items()}
+        self.backbone_weights = {name: fn(weight) for name, weight in self.backbone_weights.items()}
         return self
 
     @property
@@ -101,6 +124,21 @@ class AdaptedHead(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.prototypes.shape[1]
+
+    @property
+    def adapts_backbone(self) -> bool:
+        """Whether the query features must come from the backbone run with this head's state."""
+        return bool(self.adapters or self.backbone_weights)
+
+    def backbone_state(self) -> dict[str, Mapping[str, torch.Tensor]]:
+        """What this head changes inside the backbone, as keyword arguments of `CopaModel` and
+        `extract_features`."""
+        state: dict[str, Mapping[str, torch.Tensor]] = {}
+        if self.adapters:
+            state["adapters"] = self.adapters
+        if self.backbone_weights:
+            state["weights"] = self.backbone_weights
+        return state
 
     def project_images(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.image_projection is None else features @ self.image_projection.T
@@ -112,18 +150,270 @@ class AdaptedHead(nn.Module):
     @torch.no_grad()
     def logits(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
         """[Nq, d] query features -> [Nq, C] logits."""
-        query = as_feature_matrix(query_features, "query_features", self.feature_dim).to(self.prototypes)
+        return self.score(self._query(query_features))
+
+    def score(self, query: torch.Tensor) -> torch.Tensor:
+        """The scoring rule on checked [Nq, d] query features of the prototypes' dtype."""
         scores = cosine_scores(
             self.project_images(query).unsqueeze(0), self.projected_prototypes().unsqueeze(0), self.scale
         )
         return scores[0]
+
+    def _query(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return as_feature_matrix(query_features, "query_features", self.feature_dim).to(self.prototypes)
+
+    def embedding_space(self) -> str:
+        """In words, the space `view` maps to (the Space's "after adaptation" title)."""
+        image, prototype = self.image_projection, self.prototype_projection
+        if image is None and prototype is None:
+            return "nothing learned, same space"
+        if prototype is None or torch.equal(image, prototype):
+            return "one map Θ for images and prototypes"
+        return "Θ_I for images, Θ_P for prototypes"
+
+    def view(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, prototypes) embedded where the rule compares them: [N, d'] and [C, d']."""
+        return self.project_images(image_features.to(self.prototypes)), self.projected_prototypes()
+
+    def rule_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The rule's tensors by stored name (None: absent)."""
+        return {name: getattr(self, name) for name in self.rule_tensor_names}
+
+    def rule_metadata(self) -> dict[str, Any]:
+        """What the rule needs besides its tensors, stored in `copa_head` (JSON)."""
+        return {}
+
+    @classmethod
+    def from_stored(
+        cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], **common: Any
+    ) -> AdaptedHead:
+        """The head from its stored rule tensors and metadata; `common` holds the shared fields."""
+        image = tensors.get("image_projection")
+        prototype = image if metadata.get("tied_projections") else tensors.get("prototype_projection")
+        return cls(common.pop("prototypes"), image, prototype, **common)
+
+    def shape_problem(self) -> str | None:
+        """What is wrong with the tensors' shapes, or None (a loaded head must be scorable)."""
+        if self.prototypes.ndim != 2:
+            return "its prototypes are not a [classes, dim] matrix"
+        square = (self.feature_dim, self.feature_dim)
+        for tensor in (self.image_projection, self.prototype_projection):
+            if tensor is not None and tuple(tensor.shape) != square:
+                return f"a projection has shape {tuple(tensor.shape)}, not {square}"
+        return None
 
     def forward(self, query_features: torch.Tensor) -> torch.Tensor:
         return self.logits(query_features)
 
     def extra_repr(self) -> str:
         adapters = f", adapters={len(self.adapters)}" if self.adapters else ""
-        return f"method={self.method!r}, classes={self.num_classes}, dim={self.feature_dim}{adapters}"
+        weights = f", backbone_weights={len(self.backbone_weights)}" if self.backbone_weights else ""
+        return (
+            f"method={self.method!r}, scoring={self.scoring!r}, classes={self.num_classes}, "
+            f"dim={self.feature_dim}{adapters}{weights}"
+        )
+
+
+HEAD_KINDS: dict[str, type[AdaptedHead]] = {"cosine": AdaptedHead}
+
+
+def register_head_kind(cls: type[AdaptedHead]) -> type[AdaptedHead]:
+    """Class decorator: make a scoring rule loadable from artifacts by its `scoring` name."""
+    if cls.scoring in HEAD_KINDS:
+        raise ValueError(f"A head kind named {cls.scoring!r} is already registered.")
+    HEAD_KINDS[cls.scoring] = cls
+    return cls
+
+
+@register_head_kind
+class LinearHead(AdaptedHead):
+    """A linear classifier, logits = q W^T + b (Finetune, fo-Proto-MAML), or with `cosine=True` Meta-Dataset's
+    cosine classifier, logits = scale * (q / |q|) W^T (no bias; the weights are stored as it uses them, and
+    the query is normalised as TensorFlow's `l2_normalize` with epsilon 1e-3 does).
+
+    `prototypes` stay the support set's class means (for views and analyses); the rule is `weight` [C, d] and
+    `bias` [C] (None: no bias).
+    """
+
+    scoring = "linear"
+    rule_tensor_names = ("weight", "bias")
+
+    def __init__(
+        self,
+        prototypes: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        cosine: bool = False,
+        scale: float = 1.0,
+        **common: Any,
+    ) -> None:
+        super().__init__(prototypes, scale=scale, **common)
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", _detached(bias))
+        self.cosine = bool(cosine)
+
+    def score(self, query: torch.Tensor) -> torch.Tensor:
+        if self.cosine:
+            return self.scale * tf_l2_normalize(query) @ self.weight.T
+        logits = query @ self.weight.T
+        return logits if self.bias is None else logits + self.bias
+
+    def embedding_space(self) -> str:
+        return "features unchanged; a class is its learned weight vector"
+
+    def view(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return image_features.to(self.prototypes), self.weight
+
+    def rule_metadata(self) -> dict[str, Any]:
+        return {"cosine": self.cosine}
+
+    @classmethod
+    def from_stored(cls, tensors, metadata, **common):
+        return cls(
+            common.pop("prototypes"),
+            tensors["weight"],
+            tensors.get("bias"),
+            cosine=bool(metadata.get("cosine", False)),
+            **common,
+        )
+
+    def shape_problem(self) -> str | None:
+        expected = (self.num_classes, self.feature_dim)
+        if self.prototypes.ndim != 2 or tuple(self.weight.shape) != expected:
+            return f"its weight has shape {tuple(self.weight.shape)}, not {expected}"
+        if self.bias is not None and tuple(self.bias.shape) != (self.num_classes,):
+            return f"its bias has shape {tuple(self.bias.shape)}, not ({self.num_classes},)"
+        return None
+
+
+@register_head_kind
+class MahalanobisHead(AdaptedHead):
+    """Simple CNAPS' classifier: logits_k = -(q - mu_k)^T P_k (q - mu_k), with `prototypes` the class means
+    mu_k and `precisions` [C, d, d] the per-class precision matrices P_k = Q_k^-1 (`learners.mahalanobis`).
+
+    Stored in float32, a 50-way head on 512-d features is 50 x 512 x 512 x 4 bytes = 52.4 MB.
+    """
+
+    scoring = "mahalanobis"
+    rule_tensor_names = ("precisions",)
+
+    def __init__(self, prototypes: torch.Tensor, precisions: torch.Tensor, **common: Any) -> None:
+        common.setdefault("scale", 1.0)
+        super().__init__(prototypes, **common)
+        self.register_buffer("precisions", precisions.detach().clone())
+
+    def score(self, query: torch.Tensor) -> torch.Tensor:
+        difference = self.prototypes.unsqueeze(0) - query.unsqueeze(1)  # [Nq, C, d]
+        weighted = torch.einsum("qcd,cde->qce", difference, self.precisions)
+        return -(weighted * difference).sum(-1)
+
+    def embedding_space(self) -> str:
+        return "features unchanged; each class measures distance by its own covariance"
+
+    def view(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return image_features.to(self.prototypes), self.prototypes
+
+    @classmethod
+    def from_stored(cls, tensors, metadata, **common):
+        return cls(common.pop("prototypes"), tensors["precisions"], **common)
+
+    def shape_problem(self) -> str | None:
+        expected = (self.num_classes, self.feature_dim, self.feature_dim)
+        if self.prototypes.ndim != 2 or tuple(self.precisions.shape) != expected:
+            return f"its precisions have shape {tuple(self.precisions.shape)}, not {expected}"
+        return None
+
+
+@register_head_kind
+class TransformerHead(AdaptedHead):
+    """CoPA's transformer head (App. E.4): logits = scale * cos(E_I(query maps), P), with E_I the image
+    encoder (`hf_copa.prototype_transformer`) over each query's [d, h, w] feature map and P [C, d] the
+    prototype encoder's outputs for the class-mean maps, fixed once adapted.
+
+    Its queries are feature maps before pooling (`feature_kind = "maps"`); `prototypes` stay the class means
+    of the pooled support features. Stored: `prototype_embeddings` and the image encoder's tensors as
+    `image_encoder.<name>` (about 4 d^2 values: 4.2 MB at d = 512).
+    """
+
+    scoring = "transformer"
+    feature_kind = "maps"
+    ENCODER_PREFIX = "image_encoder."
+
+    def __init__(
+        self,
+        prototypes: torch.Tensor,
+        prototype_embeddings: torch.Tensor,
+        image_encoder: Mapping[str, torch.Tensor],
+        heads: int,
+        map_shape: Sequence[int],
+        **common: Any,
+    ) -> None:
+        super().__init__(prototypes, **common)
+        self.register_buffer("prototype_embeddings", prototype_embeddings.detach().clone())
+        self.image_encoder = {name: tensor.detach().clone() for name, tensor in image_encoder.items()}
+        self.heads = int(heads)
+        self.map_shape = tuple(int(n) for n in map_shape)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TransformerHead:
+        super()._apply(fn, recurse)
+        self.image_encoder = {name: fn(tensor) for name, tensor in self.image_encoder.items()}
+        return self
+
+    def _query(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return as_feature_maps(query_features, "query_features", self.map_shape).to(self.prototypes)
+
+    def embed_images(self, maps: torch.Tensor) -> torch.Tensor:
+        from .prototype_transformer import encode
+
+        return encode(self.image_encoder, maps.to(self.prototypes), self.heads)
+
+    def score(self, query: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed_images(query).unsqueeze(0)
+        return cosine_scores(embedded, self.prototype_embeddings.unsqueeze(0), self.scale)[0]
+
+    def embedding_space(self) -> str:
+        return "a transformer over each image's feature map, another over each class's mean map"
+
+    def view(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_images(image_features), self.prototype_embeddings
+
+    def rule_tensors(self) -> dict[str, torch.Tensor | None]:
+        tensors = {self.ENCODER_PREFIX + name: tensor for name, tensor in self.image_encoder.items()}
+        return {"prototype_embeddings": self.prototype_embeddings, **tensors}
+
+    def rule_metadata(self) -> dict[str, Any]:
+        return {"heads": self.heads, "map_shape": list(self.map_shape)}
+
+    @classmethod
+    def from_stored(cls, tensors, metadata, **common):
+        encoder = _prefixed(tensors, cls.ENCODER_PREFIX)
+        return cls(
+            common.pop("prototypes"),
+            tensors["prototype_embeddings"],
+            encoder,
+            heads=metadata["heads"],
+            map_shape=metadata["map_shape"],
+            **common,
+        )
+
+    def shape_problem(self) -> str | None:
+        dim = self.feature_dim
+        if self.prototypes.ndim != 2 or tuple(self.prototype_embeddings.shape) != (self.num_classes, dim):
+            return f"its prototype embeddings have shape {tuple(self.prototype_embeddings.shape)}"
+        if len(self.map_shape) != 3 or self.map_shape[0] != dim or self.heads < 1 or dim % self.heads:
+            return f"its map shape {self.map_shape} or head count {self.heads} do not fit {dim}-d features"
+        positions = 1 + self.map_shape[1] * self.map_shape[2]
+        expected = {"cls_token": (dim,), "position_embeddings": (positions, dim)}
+        blocks = {name.split(".")[1] for name in self.image_encoder if name.startswith("blocks.")}
+        for b in blocks:
+            for name in ("query", "key", "value", "output"):
+                expected[f"blocks.{b}.{name}.weight"] = (dim, dim)
+                expected[f"blocks.{b}.{name}.bias"] = (dim,)
+            expected[f"blocks.{b}.norm.weight"] = expected[f"blocks.{b}.norm.bias"] = (dim,)
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.image_encoder.items()}
+        if not blocks or shapes != expected:
+            return "its image encoder's tensors are not those of a transformer for these maps"
+        return None
 
 
 def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,14 +494,23 @@ def base_model_reference(backbone: torch.nn.Module) -> BaseModelReference:
 def head_tensors(head: AdaptedHead) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors to store, and whether the two projections are one (stored once as `image_projection`)."""
     tensors = {"prototypes": head.prototypes}
-    image, prototype = head.image_projection, head.prototype_projection
+    rule = {name: tensor for name, tensor in head.rule_tensors().items() if tensor is not None}
+    image, prototype = rule.get("image_projection"), rule.get("prototype_projection")
     tied = image is not None and prototype is not None and torch.equal(image, prototype)
-    if image is not None:
-        tensors["image_projection"] = image
-    if prototype is not None and not tied:
-        tensors["prototype_projection"] = prototype
+    if tied:
+        del rule["prototype_projection"]
+    tensors.update(rule)
     tensors.update({ADAPTER_PREFIX + name: alpha for name, alpha in head.adapters.items()})
+    tensors.update({BACKBONE_PREFIX + name: weight for name, weight in head.backbone_weights.items()})
     return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, tied
+
+
+def format_version(head: AdaptedHead) -> int:
+    """The lowest format that holds `head`: 1 (cosine rule), 2 (+ adapters), 3 (+ other rules, backbone
+    parameters). Older readers refuse a newer format instead of scoring it wrongly."""
+    if head.scoring != "cosine" or head.backbone_weights:
+        return 3
+    return 2 if head.adapters else 1
 
 
 def head_metadata(
@@ -221,8 +520,9 @@ def head_metadata(
     base_model: BaseModelReference,
     tied_projections: bool,
 ) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION if head.adapters else 1,
+    version = format_version(head)
+    metadata = {
+        "format_version": version,
         "weights": HEAD_WEIGHTS_NAME,
         "labels": check_json_labels(labels),
         "method": head.method,
@@ -238,6 +538,11 @@ def head_metadata(
         "base_model_revision": base_model.revision,
         "hf_copa_version": __version__,
     }
+    if version >= 3:  # format 1 and 2 readers know neither key
+        metadata["scoring"] = head.scoring
+        metadata["backbone_weights"] = sorted(head.backbone_weights)
+        metadata.update(head.rule_metadata())
+    return metadata
 
 
 def write_artifact(
@@ -429,33 +734,43 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     tensors = _read_head_tensors(weights_path)
     if "prototypes" not in tensors:
         raise _damaged(weights_path, "it holds no 'prototypes' tensor")
-    image = tensors.get("image_projection")
-    prototype = image if metadata.get("tied_projections") else tensors.get("prototype_projection")
-    adapters = {
-        name.removeprefix(ADAPTER_PREFIX): tensor
-        for name, tensor in tensors.items()
-        if name.startswith(ADAPTER_PREFIX)
-    }
-    missing = sorted(set(metadata.get("adapters", [])) - set(adapters))
-    if missing:
-        raise _damaged(weights_path, f"it lacks the adapters {missing} that {CONFIG_NAME} lists")
+    scoring = metadata.get("scoring", "cosine")
+    if scoring not in HEAD_KINDS:
+        raise CopaValueError(
+            f"{str(folder)!r} holds a CoPA head scored by {scoring!r}, which this hf_copa does not know "
+            f"(it knows {sorted(HEAD_KINDS)}); upgrade hf_copa."
+        )
+    kind = HEAD_KINDS[scoring]
+    adapters = _prefixed(tensors, ADAPTER_PREFIX)
+    backbone_weights = _prefixed(tensors, BACKBONE_PREFIX)
+    for listed, found, what in (
+        (metadata.get("adapters", []), adapters, "adapters"),
+        (metadata.get("backbone_weights", []), backbone_weights, "backbone parameters"),
+    ):
+        missing = sorted(set(listed) - set(found))
+        if missing:
+            shown = missing if len(missing) <= 5 else [*missing[:5], f"... {len(missing) - 5} more"]
+            raise _damaged(weights_path, f"it lacks the {what} {shown} that {CONFIG_NAME} lists")
     try:
-        head = AdaptedHead(
-            tensors["prototypes"],
-            image,
-            prototype,
+        head = kind.from_stored(
+            tensors,
+            metadata,
+            prototypes=tensors["prototypes"],
             scale=metadata["scale"],
             method=metadata["method"],
             hyperparameters=metadata.get("hyperparameters"),
             train_losses=metadata.get("train_losses", ()),
             adapters=adapters,
+            backbone_weights=backbone_weights,
         )
+    except KeyError as err:
+        problem = f"it holds no {err.args[0]!r} tensor, which a {scoring} head needs"
+        raise _damaged(weights_path, problem) from None
     except (TypeError, ValueError, RuntimeError) as err:
         raise _damaged(weights_path, f"its tensors do not form a head ({err})") from None
-    if head.prototypes.ndim != 2 or any(
-        t is not None and tuple(t.shape) != (head.feature_dim, head.feature_dim) for t in (image, prototype)
-    ):
-        raise _damaged(weights_path, "its tensors have shapes no head has")
+    problem = head.shape_problem()
+    if problem is not None:
+        raise _damaged(weights_path, f"its tensors have shapes no head has ({problem})")
     labels = metadata["labels"]
     if len(labels) != head.num_classes:
         raise _damaged(config_path, f"it lists {len(labels)} labels for a head of {head.num_classes} classes")
@@ -470,6 +785,10 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
 
 
 _REQUIRED_METADATA = {"labels": list, "method": str, "scale": (int, float)}
+
+
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
 
 def _check_metadata(metadata: Mapping[str, Any], config_path: Path) -> None:
@@ -540,6 +859,12 @@ def push_artifact(
 __all__ = [
     "ARTIFACT_FILES",
     "AdaptedHead",
+    "HEAD_KINDS",
+    "LinearHead",
+    "MahalanobisHead",
+    "TransformerHead",
+    "register_head_kind",
+    "format_version",
     "HEAD_CONFIG_KEY",
     "HEAD_WEIGHTS_NAME",
     "BaseModelReference",

@@ -38,7 +38,7 @@ from .adaptation import adapt_to_task
 from .folders import load_class_folders, sample_task_dir
 from .heads import AdaptedHead
 from .image_processing_copa import to_rgb_image
-from .learners.registry import method_descriptions
+from .learners.registry import method_descriptions, shown_value
 from .losses import NORM_EPS, class_means, one_hot_labels
 from .modeling_copa import CopaForFewShotClassification
 from .validation import CopaError, class_order
@@ -273,24 +273,25 @@ def embedding_views(
     """
     support = support_features.to(head.prototypes)
     queries = query_features.to(head.prototypes)
+    # Heads on feature maps (copa-transformer) are shown before adaptation by the pooled features.
+    pooled_support, pooled_queries = (x.mean(dim=(2, 3)) if x.dim() == 4 else x for x in (support, queries))
     one_hot = one_hot_labels(support_labels.view(1, -1).to(support.device), head.num_classes, support.dtype)
     before = EmbeddingView.from_embeddings(
-        "Before adaptation", support, class_means(support.unsqueeze(0), one_hot)[0], queries
+        "Before adaptation",
+        pooled_support,
+        class_means(pooled_support.unsqueeze(0), one_hot)[0],
+        pooled_queries,
     )
-    backbone = " and residual adapters in the backbone" if head.adapters else ""
-    if head.image_projection is None and head.prototype_projection is None:
-        title = f"After adaptation ({head.method}: nothing learned, same space)"
-    elif head.prototype_projection is None or torch.equal(head.image_projection, head.prototype_projection):
-        title = f"After adaptation ({head.method}: one map Θ for images and prototypes{backbone})"
-    else:
-        title = f"After adaptation ({head.method}: Θ_I for images, Θ_P for prototypes{backbone})"
-    if head.adapters:
+    inside = " and residual adapters in the backbone" if head.adapters else ""
+    if head.backbone_weights:
+        inside = " and every backbone layer fine-tuned"
+    title = f"After adaptation ({head.method}: {head.embedding_space()}{inside})"
+    if head.adapts_backbone:
         if adapted_support is None or adapted_queries is None:
             raise ValueError(f"A {head.method} head needs the features of its adapted backbone for the view.")
         support, queries = adapted_support.to(head.prototypes), adapted_queries.to(head.prototypes)
-    after = EmbeddingView.from_embeddings(
-        title, head.project_images(support), head.projected_prototypes(), head.project_images(queries)
-    )
+    images, prototypes = head.view(support)
+    after = EmbeddingView.from_embeddings(title, images, prototypes, head.view(queries)[0])
     return before, after
 
 
@@ -364,7 +365,7 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
     )
     head = adapted.head
     probabilities = torch.softmax(adapted.query_logits(), dim=-1).double().numpy()
-    if head.adapters:  # the plain backbone's features, for the view before adaptation
+    if head.adapts_backbone:  # the plain backbone's features, for the view before adaptation
         support_features = model.extract_features(task.support_images)
         query_features = model.extract_features(task.query_images)
         before, after = embedding_views(
@@ -558,7 +559,7 @@ def thumbnail_data_url(image: PIL.Image.Image, side: int = _THUMBNAIL_SIDE * 2) 
 
 def summary_markdown(result: TaskResult) -> str:
     """The run in two lines: method, classes, time taken, hyperparameters, and the gap before and after."""
-    settings = ", ".join(f"{key}={value:g}" for key, value in result.hyperparameters.items())
+    settings = ", ".join(f"{key}={shown_value(value)}" for key, value in result.hyperparameters.items())
     return (
         f"**{result.method}** adapted to **{len(result.labels)} classes** from "
         f"{len(result.support_labels)} support images in **{result.adaptation_seconds:.2f} s** "

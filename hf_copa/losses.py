@@ -26,6 +26,12 @@ def class_means(features: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     return one_hot.transpose(1, 2) @ features / counts
 
 
+def tf_l2_normalize(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """TensorFlow's `tf.nn.l2_normalize(x, axis=-1, epsilon=eps)`: x / sqrt(max(|x|^2, eps)) (the floor is on
+    the squared norm, unlike `F.normalize`), as Meta-Dataset's classifiers use it with eps = 1e-3."""
+    return x * torch.rsqrt(x.square().sum(dim=-1, keepdim=True).clamp_min(eps))
+
+
 def cosine_scores(queries: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * cosine(query, prototype): [B, Q, d] x [B, C, d] -> [B, Q, C]."""
     queries = F.normalize(queries, dim=-1, eps=NORM_EPS)
@@ -35,10 +41,15 @@ def cosine_scores(queries: torch.Tensor, prototypes: torch.Tensor, scale: float)
 
 def ncc_loss(logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per episode [B] of [B, N, C] logits; absent classes and padded rows ignored."""
+    return summed_cross_entropy(logits, one_hot) / one_hot.sum(dim=(1, 2))
+
+
+def summed_cross_entropy(logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over each episode's rows [B] of [B, N, C] logits; absent classes (padding) and
+    padded rows ignored. (Meta-Dataset's fine-tuning minimises this sum: its loss is a per-example vector.)"""
     present = one_hot.sum(dim=1, keepdim=True) > 0
     log_probs = torch.log_softmax(logits.masked_fill(~present, float("-inf")), dim=-1)
-    picked = (log_probs.masked_fill(~present, 0.0) * one_hot).sum(dim=(1, 2))
-    return -picked / one_hot.sum(dim=(1, 2))
+    return -(log_probs.masked_fill(~present, 0.0) * one_hot).sum(dim=(1, 2))
 
 
 def symmetric_contrastive_loss(

@@ -175,14 +175,24 @@ class CopaModel(CopaPreTrainedModel):
         return (model, info) if wants_info else model
 
     def forward(
-        self, pixel_values: torch.Tensor, adapters: Mapping[str, torch.Tensor] | None = None, **kwargs: Any
+        self,
+        pixel_values: torch.Tensor,
+        adapters: Mapping[str, torch.Tensor] | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        **kwargs: Any,
     ) -> CopaModelOutput:
         """pixel_values [N, 3, H, W] scaled to [-1, 1] -> feature map and pooled [N, feature_dim] features.
 
         `adapters` (name -> alpha, e.g. a TSA head's) run the task-adapted backbone; see `hf_copa.adapters`.
+        `weights` (parameter name -> tensor, e.g. a head fine-tuned on all layers) replace those parameters
+        for this call only (`torch.func.functional_call`): the model's own weights are neither read nor
+        changed for them, so one backbone serves any number of fine-tuned heads.
         """
         if adapters:
             check_adapters(self, adapters)
+        if weights:
+            check_backbone_weights(self, weights)
+            return torch.func.functional_call(self, dict(weights), (pixel_values,), {"adapters": adapters})
         hidden = self.run_stages(self.embed_stem(pixel_values), adapters)
         return CopaModelOutput(last_hidden_state=hidden, pooler_output=self.pool(hidden))
 
@@ -221,27 +231,37 @@ class CopaModel(CopaPreTrainedModel):
         image_processor: Any = None,
         batch_size: int = FEATURE_BATCH_SIZE,
         adapters: Mapping[str, torch.Tensor] | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        spatial: bool = False,
     ) -> torch.Tensor:
-        """Pooled features [N, feature_dim] of images (PIL / arrays / paths, or pixel_values [N, 3, H, W]).
+        """Pooled features [N, feature_dim] of images (PIL / arrays / paths, or pixel_values [N, 3, H, W]);
+        with `spatial=True` the last stage's maps before pooling, [N, feature_dim, h, w].
 
         BatchNorm always runs in eval mode here: the backbone is frozen (see `hf_copa.frozen`). (no_grad
         rather than inference_mode: learners that optimise on these features need ordinary tensors.)
-        `adapters` give the features of a task-adapted backbone (TSA heads).
+        `adapters` and `weights` give the features of a task-adapted backbone (a head's `backbone_state()`).
         """
         pixel_values = self.to_pixel_values(images, image_processor)
         if adapters:
             adapters = {name: alpha.to(self.device, self.dtype) for name, alpha in adapters.items()}
+        if weights:
+            weights = {name: weight.to(self.device, self.dtype) for name, weight in weights.items()}
+        output = "last_hidden_state" if spatial else "pooler_output"
         with frozen_backbone(self):
             chunks = [
-                self(
-                    pixel_values[start : start + batch_size].to(
-                        self.device, self.dtype, memory_format=torch.channels_last
+                getattr(
+                    self(
+                        pixel_values[start : start + batch_size].to(
+                            self.device, self.dtype, memory_format=torch.channels_last
+                        ),
+                        adapters=adapters,
+                        weights=weights,
                     ),
-                    adapters=adapters,
-                ).pooler_output
+                    output,
+                )
                 for start in range(0, len(pixel_values), batch_size)
             ]
-        return torch.cat(chunks).float()
+        return torch.cat(chunks).float().contiguous()
 
     def to_pixel_values(self, images: Any, image_processor: Any = None) -> torch.Tensor:
         """Pixel values [N, 3, H, W] of images, through `image_processor` (default: this model's own).
@@ -306,6 +326,22 @@ class CopaModel(CopaPreTrainedModel):
         return CopaForFewShotClassification.from_adapted(
             self, adapted.head, class_names, image_processor, support_labels=labels
         )
+
+
+def check_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError unless every entry names a parameter of `model` with its shape."""
+    parameters = dict(model.named_parameters())
+    for name, weight in weights.items():
+        if name not in parameters:
+            raise ValueError(
+                f"Backbone parameter {name!r} is not a parameter of this backbone (it has "
+                f"{', '.join(list(parameters)[:3])}, ...); the weights were fine-tuned on another backbone."
+            )
+        if tuple(weight.shape) != tuple(parameters[name].shape):
+            raise ValueError(
+                f"Backbone parameter {name!r} has shape {tuple(weight.shape)} but this backbone's is "
+                f"{tuple(parameters[name].shape)}; the weights were fine-tuned on another backbone."
+            )
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -495,9 +531,10 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
                 f"{base_model.feature_dim}-d ones; pass the backbone the head was adapted on "
                 f"({artifact.base_model.name_or_path!r})."
             )
-        if artifact.head.adapters:
+        if artifact.head.adapts_backbone:
             try:
                 check_adapters(base_model, artifact.head.adapters)
+                check_backbone_weights(base_model, artifact.head.backbone_weights)
             except ValueError as err:
                 raise ValueError(
                     f"{err} Pass the backbone the head was adapted on ({artifact.base_model.name_or_path!r})."
@@ -527,7 +564,9 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
     def logits(self, images: Any) -> torch.Tensor:
         """[N, C] logits (10 x cosine) of images, columns in the order of `labels`."""
         head = self._require_head()
-        features = self.copa.extract_features(images, self.image_processor, adapters=head.adapters)
+        features = self.copa.extract_features(
+            images, self.image_processor, spatial=head.feature_kind == "maps", **head.backbone_state()
+        )
         return head.logits(features.to(head.prototypes))
 
     def predict(self, images: Any) -> list[list[dict[str, Any]]]:

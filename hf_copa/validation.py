@@ -85,6 +85,38 @@ def as_feature_matrix(features: Any, name: str, expected_dim: int | None = None)
     return features
 
 
+def as_feature_maps(maps: Any, name: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Check [N, d, h, w] float feature maps (a backbone's last stage before pooling); `expected` is
+    (d, h, w) when a head was fitted on maps of that shape."""
+    if isinstance(maps, np.ndarray):
+        maps = torch.from_numpy(maps)
+    if not isinstance(maps, torch.Tensor):
+        raise CopaTypeError(
+            f"{name} must be a torch.Tensor or numpy array of shape [N, d, h, w], got {type(maps).__name__}."
+        )
+    if maps.ndim != 4:
+        hint = " (pooled features; this method needs the maps before pooling)" if maps.ndim == 2 else ""
+        raise CopaValueError(
+            f"{name} must be feature maps of shape [N, d, h, w]{hint}, got shape {tuple(maps.shape)}; "
+            "extract them with CopaModel.extract_features(images, spatial=True)."
+        )
+    if maps.shape[0] == 0:
+        raise CopaValueError(f"{name} is empty: give at least one feature map.")
+    if maps.is_inference():
+        maps = maps.clone()
+    if not maps.is_floating_point():
+        maps = maps.to(torch.float32)
+    if expected is not None and tuple(maps.shape[1:]) != tuple(expected):
+        raise CopaValueError(
+            f"{name} have shape {tuple(maps.shape[1:])} per image but the head was fitted on maps of shape "
+            f"{tuple(expected)}; use maps from the same backbone at the same image size."
+        )
+    if not torch.isfinite(maps).all():
+        bad = int((~torch.isfinite(maps)).flatten(1).any(dim=1).sum())
+        raise CopaValueError(f"{name} contain NaN or infinite values in {bad} map(s); check the extractor.")
+    return maps
+
+
 def as_label_vector(labels: Any, num_examples: int, examples: str = "support features") -> torch.Tensor:
     """Check integer labels 0..C-1 (C >= 2, every class present) for `num_examples` `examples`."""
     if isinstance(labels, np.ndarray | list | tuple):

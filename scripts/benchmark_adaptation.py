@@ -6,7 +6,8 @@ time implies (FLOPs counted analytically, so rows of one episode share a
 count and their GFLOP/s ratio is the speed-up), and the largest difference
 from the official code's query logits where the reference has them.
 
-    PYTHONPATH=. python scripts/benchmark_adaptation.py --repeats 5 --json runs/bench.json
+    python scripts/benchmark_adaptation.py --repeats 5 --json runs/bench.json
+    python scripts/benchmark_adaptation.py --quick --json runs/bench.json   # a smoke test, seconds
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_copa.learners import get_learner
-from tests.support.official import official_copa
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the baseline is in tests/support: run from anywhere, no PYTHONPATH
+
+from hf_copa.learners import get_learner  # noqa: E402
+from tests.support.official import official_copa  # noqa: E402
 
 FEATURE_DIM = 512
 BASELINE = "copa (official-style)"
@@ -44,6 +49,9 @@ REFERENCES: dict[str, tuple[str, str, str]] = {
     "url": ("unseen", "url_pa_adaptation.npz", "url_unseen_query_logits"),
 }
 CHAOTIC = {("url", 4), ("url", 5)}  # URL at lr 1.0 diverges from the reference on these; expected
+# --quick: the two smallest episodes, one timed run each, and a one-size matmul peak.
+QUICK_DEFAULTS = {"episodes": [0, 1], "repeats": 1}
+QUICK_PEAK = {"sizes": (256,), "repeats": 1}
 
 
 @dataclass
@@ -235,7 +243,6 @@ def markdown_table(rows: list[Row], peak: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    repo_root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", choices=sorted(REFERENCES), default=["copa", "url"])
     parser.add_argument("--episodes", nargs="+", type=int, default=list(range(len(EPISODE_SHAPES))))
@@ -245,12 +252,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-dir",
         type=Path,
-        default=repo_root.parent / "shared" / "reference",
+        default=REPO_ROOT.parent / "shared" / "reference",
         help="folder with copa_adaptation.npz / url_pa_adaptation.npz (random episodes if absent)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random episodes")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report "
+        "(episodes 0 1, --repeats 1, a one-size matmul peak; flags given explicitly still apply)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
     bad = [i for i in args.episodes if not 0 <= i < len(EPISODE_SHAPES)]
     if bad:
         parser.error(f"--episodes must be in 0..{len(EPISODE_SHAPES) - 1}, got {bad}")
@@ -262,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     episodes, source = load_episodes(args.reference_dir, args.episodes, args.seed)
-    peak, peak_shape = matmul_peak()
+    peak, peak_shape = matmul_peak(**QUICK_PEAK) if args.quick else matmul_peak()
     cpu = " ".join(filter(None, [platform.machine(), platform.processor()]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu})")
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s (torch.mm {peak_shape})")
@@ -292,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             "matmul_peak_shape": peak_shape,
             "episodes": source,
             "repeats": args.repeats,
+            **({"quick": True} if args.quick else {}),  # marks a smoke-test run's file
         }
         args.json.write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
         print(f"wrote {args.json}")

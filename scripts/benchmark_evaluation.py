@@ -2,6 +2,7 @@
 
     python scripts/benchmark_evaluation.py                     # 600 meta-dataset episodes of copa on mnist
     python scripts/benchmark_evaluation.py --model PATH --episodes 100 --json out.json
+    python scripts/benchmark_evaluation.py --quick --json out.json   # a smoke test: seconds
 
 The one-by-one path runs the same learner on each episode alone (what a loop
 over `hf_copa.adapt` does); both must give identical accuracies.
@@ -22,6 +23,9 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# --quick: 10 episodes on the dataset's first 500 images.
+QUICK_DEFAULTS = {"episodes": 10}
+QUICK_IMAGES = 500
 
 
 def peak_rss_mib() -> float:
@@ -43,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-one-by-one", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report "
+        f"(--episodes 10 on the first {QUICK_IMAGES} images; flags given explicitly still apply)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
 
     import datasets
 
@@ -57,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model).to(device)
     dataset = datasets.load_dataset(args.dataset, split=args.split)
+    if args.quick:
+        dataset = dataset.select(range(min(QUICK_IMAGES, len(dataset))))
     figures: dict[str, float | int | str] = {
         "dataset": f"{args.dataset}:{args.split}",
         "images": len(dataset),
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        **({"quick": True} if args.quick else {}),  # marks a smoke-test run's figures
     }
     with tempfile.TemporaryDirectory() as cache_dir:
         started = time.perf_counter()

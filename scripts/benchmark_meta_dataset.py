@@ -2,6 +2,7 @@
 
     python scripts/benchmark_meta_dataset.py                      # 200,000 generated JPEG records
     python scripts/benchmark_meta_dataset.py --records 20000 --json out.json
+    python scripts/benchmark_meta_dataset.py --quick --json out.json  # a smoke test: seconds
 
 1. Generates a flat source (``tests/support/meta_dataset_fixtures.write_source``: 100 classes over the three
    splits, small JPEGs drawn from a pool of distinct images) in a temporary folder and states its size.
@@ -30,8 +31,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # the sources come from tests/support: run from anywhere, no PYTHONPATH
+# --quick: a 1,000-record source, 256 images decoded once, with one DataLoader worker.
+QUICK_DEFAULTS = {"records": 1000, "decode_images": 256, "workers": [1], "repeats": 1}
 
 
 def _rss_mib() -> float:
@@ -246,8 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report "
+        "(--records 1000 --decode-images 256 --workers 1 --repeats 1; flags given explicitly still apply)",
+    )
     parser.add_argument("--_convert-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
     if args._convert_child:
         _convert_child(*args._convert_child)
         return 0
@@ -256,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     figures: dict = {"threads": 1, "cpus": os.cpu_count()}
+    if args.quick:
+        figures["quick"] = True  # marks a smoke-test run's figures
     with tempfile.TemporaryDirectory(prefix="md-bench-") as tmp:
         tmp = Path(tmp)
         figures["source"] = _write(tmp / "records" / "bench", args.records)

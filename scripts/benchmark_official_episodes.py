@@ -1,6 +1,7 @@
 """Benchmark Meta-Dataset's official test episodes without TensorFlow, and the paper's benchmark command.
 
-    PYTHONPATH=. python scripts/benchmark_official_episodes.py            # --json out.json, --skip-end-to-end
+    python scripts/benchmark_official_episodes.py            # --json out.json, --skip-end-to-end
+    python scripts/benchmark_official_episodes.py --quick --json out.json   # a smoke test: under a minute
 
 1. Sources: the three reference sources (`../shared/reference/meta_dataset/records`, converted here) and a
    generated flat source of 52 test classes x 20,000 records (QuickDraw's test split has 52 classes;
@@ -28,9 +29,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # the sources come from tests/support: run from anywhere, no PYTHONPATH
 REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "meta_dataset" / "records"
+GENERATED_CLASSES, GENERATED_IMAGES = 52, 20_000  # the generated source: 52 test classes x 20,000 records
+# --quick: 5 episodes of the meta-dataset protocol, a generated source of 52 x 100 records.
+QUICK_DEFAULTS = {"episodes": 5, "protocols": ["meta-dataset"]}
+QUICK_GENERATED_IMAGES = 100
 
 
 def _rss_mib() -> float:
@@ -66,14 +70,14 @@ def _sampler_child(source: str, protocol: str, episodes: int) -> None:
     print(json.dumps(result))
 
 
-def _generate(folder: Path) -> Path:
+def _generate(folder: Path, images_per_class: int) -> Path:
     from tests.support.meta_dataset_fixtures import write_source
 
     return write_source(
         folder,
-        name="generated_52x20000",
-        classes_per_split=(0, 0, 52),
-        images_per_class=20_000,
+        name=folder.name,
+        classes_per_split=(0, 0, GENERATED_CLASSES),
+        images_per_class=images_per_class,
         image_size=(12, 28),
         distinct_images=256,
     )
@@ -88,7 +92,7 @@ def _sampler_cell(source: Path, protocol: str, episodes: int) -> dict:
         protocol,
         str(episodes),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True, cwd=REPO_ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -121,7 +125,7 @@ def _end_to_end(converted: Path, work: Path, episodes: int) -> dict:
         "--output",
         str(output),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True, cwd=REPO_ROOT)
     seconds = time.perf_counter() - started
@@ -138,8 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report "
+        f"(--episodes 5 --protocols meta-dataset, a generated source of "
+        f"{GENERATED_CLASSES} x {QUICK_GENERATED_IMAGES} records; flags given explicitly still apply)",
+    )
     parser.add_argument("--_sampler-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
     if args._sampler_child:
         source, protocol, episodes = args._sampler_child
         _sampler_child(source, protocol, int(episodes))
@@ -148,15 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     from hf_copa.meta_dataset import convert_records, convert_source
 
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, 1 thread", "sampler": {}}
+    if args.quick:
+        results["quick"] = True  # marks a smoke-test run's figures
+    images_per_class = QUICK_GENERATED_IMAGES if args.quick else GENERATED_IMAGES
+    generated_name = f"generated_{GENERATED_CLASSES}x{images_per_class}"
     with tempfile.TemporaryDirectory(prefix="official-episodes-") as tmp:
         work = Path(tmp)
         converted = work / "converted"
         convert_records(REFERENCE, converted, progress=False)
         started = time.perf_counter()
-        generated = _generate(work / "records" / "generated_52x20000")
+        generated = _generate(work / "records" / generated_name, images_per_class)
         results["generate_seconds"] = time.perf_counter() - started
-        convert_source(generated, converted / "generated_52x20000", progress=False)
-        sources = ["md_plain", "md_bilevel", "md_dag", "generated_52x20000"]
+        convert_source(generated, converted / generated_name, progress=False)
+        sources = ["md_plain", "md_bilevel", "md_dag", generated_name]
         for source in sources:
             for protocol in args.protocols:
                 if protocol != "meta-dataset" and source != "md_plain" and not source.startswith("generated"):

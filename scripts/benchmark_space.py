@@ -8,8 +8,9 @@ backbone's features for the "before" plot). Reading and checking the uploads (`b
 Each row also records the machine's 1-minute load average before it: on a shared machine, other work
 inflates the times (with 2 threads most of all), so compare only rows measured at a low load.
 
-    PYTHONPATH=. python scripts/benchmark_space.py --json runs/benchmark_space.json
-    PYTHONPATH=. python scripts/benchmark_space.py --folder my_task   # my_task/{support,query}/<class>/*
+    python scripts/benchmark_space.py --json runs/benchmark_space.json
+    python scripts/benchmark_space.py --folder my_task   # my_task/{support,query}/<class>/*
+    python scripts/benchmark_space.py --quick --json out.json   # a smoke test: seconds
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ from pathlib import Path
 
 import torch
 
+# --quick: the first bundled task only, 1 thread, one timed run, the default method and copa+tsa (the
+# cheaper of the backbone-adapting ones, whose run also embeds through the adapted backbone).
+QUICK_DEFAULTS = {"threads": [1], "repeats": 1, "methods": ["copa", "copa+tsa"]}
 
-def tasks(folder: Path | None) -> dict[str, object]:
-    """The tasks to time by name: the bundled examples (quickdraw is 3 classes x 5 shots), or one folder."""
+
+def tasks(folder: Path | None, first_only: bool = False) -> dict[str, object]:
+    """The tasks to time by name: the bundled examples (quickdraw is 3 classes x 5 shots; with `first_only`,
+    only the first), or one folder."""
     from hf_copa.folders import load_class_folders
     from hf_copa.interactive import build_task, example_tasks
 
@@ -38,10 +44,11 @@ def tasks(folder: Path | None) -> dict[str, object]:
             for n in dict.fromkeys(labels)
         ]
         return {folder.name: build_task(classes, queries)}
-    return {key: build_task(task.classes, task.queries) for key, task in example_tasks().items()}
+    examples = list(example_tasks().items())[: 1 if first_only else None]
+    return {key: build_task(task.classes, task.queries) for key, task in examples}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from hf_copa.interactive import methods, run_task
     from hf_copa.pretrained import load_model
 
@@ -54,10 +61,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="time this task (support/ and query/ class folders)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report (the first "
+        "bundled task, --threads 1 --repeats 1 --methods copa copa+tsa; flags given explicitly still apply)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
 
     model = load_model(args.model)
-    named_tasks = tasks(args.folder)
+    named_tasks = tasks(args.folder, first_only=args.quick)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -111,6 +127,7 @@ def main() -> None:
             "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(),
             "repeats": args.repeats,
+            **({"quick": True} if args.quick else {}),  # marks a smoke-test run's file
         }
         args.json.write_text(json.dumps({"environment": environment, "rows": rows}, indent=2) + "\n")
 

@@ -7,7 +7,8 @@ queries through the adapted backbone. Each (model, episode, method) cell runs in
 its peak memory is the process's peak resident set (CPU) or peak CUDA allocation (GPU) above what it held
 once the model and the images were loaded.
 
-    PYTHONPATH=. python scripts/benchmark_tsa.py --json runs/benchmark_tsa.json   # on a GPU: --device cuda
+    python scripts/benchmark_tsa.py --json runs/benchmark_tsa.json   # on a GPU: --device cuda
+    python scripts/benchmark_tsa.py --quick --json out.json          # a smoke test: seconds
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 METHODS = ("copa", "tsa", "copa+tsa")
 EPISODES = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "10-way 5-shot": (10, 5)}
 QUERIES_PER_CLASS = 15
+# --quick: the bundled backbone (no reference checkpoint needed), 5-way 1-shot, one timed run.
+QUICK_DEFAULTS = {"models": ["default"], "episodes": ["5-way 1-shot"], "repeats": 1}
 
 
 def load(model_name: str, reference_dir: Path):
@@ -62,7 +65,7 @@ def cell(model_name, method, way, shot, repeats, device, threads, reference_dir,
             head = hf_copa.adapt(model.extract_features(support), labels, method="copa")
             return head.logits(model.extract_features(query))
         head = get_learner(method).fit_images(model, support, labels)
-        return head.logits(model.extract_features(query, adapters=head.adapters))
+        return head.logits(model.extract_features(query, **head.backbone_state()))
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -110,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report (--models default "
+        "--episodes '5-way 1-shot' --repeats 1, all methods; flags given explicitly still apply)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
 
     context = multiprocessing.get_context("spawn")  # a fresh process per cell: its own peak memory
     rows = []
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads,
             "torch": torch.__version__,
+            **({"quick": True} if args.quick else {}),  # marks a smoke-test run's file
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=2) + "\n")

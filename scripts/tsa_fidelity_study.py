@@ -12,7 +12,8 @@ the result), and for CoPA+TSA the per-step loss differences. Where the spread ex
 float32 implementation can be held to it; where float32 runs agree with each other, they must also agree
 with the reference.
 
-    PYTHONPATH=. python scripts/tsa_fidelity_study.py --json runs/tsa_fidelity.json     # ~20 min, 2 cores
+    python scripts/tsa_fidelity_study.py --json runs/tsa_fidelity.json     # ~20 min, 2 cores
+    python scripts/tsa_fidelity_study.py --quick --json out.json          # a smoke test: about a minute
 """
 
 from __future__ import annotations
@@ -20,23 +21,32 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hf_copa import CopaModel, get_learner
-from hf_copa.conversion import load_url_backbone
-from tests.support.official import official_copa_tsa, official_tsa
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the transcription is in tests/support: run from anywhere, no PYTHONPATH
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from hf_copa import CopaModel, get_learner  # noqa: E402
+from hf_copa.conversion import load_url_backbone  # noqa: E402
+from tests.support.official import official_copa_tsa, official_tsa  # noqa: E402
+
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 CASES = {  # (method, reference name) -> (preset, official hyperparameters)
     ("tsa", "seen"): ("seen", {"lr": 0.05, "lr_beta": 0.1}),
     ("tsa", "unseen"): ("unseen", {"lr": 0.5, "lr_beta": 1.0}),
     ("copa+tsa", "default"): ("default", {"lr": 1e-3, "adapter_lr_scale": 0.1, "weight_decay": 0.1}),
     ("copa+tsa", "highlr"): ("high-lr", {"lr": 5e-3, "adapter_lr_scale": 0.5, "weight_decay": 0.0}),
 }
+# --quick: one case of each method on episode 0, 1 adaptation step instead of 40 (compared with the
+# reference's first loss; the logits are far from the reference's), every run at 1 thread.
+QUICK_CASES = [("tsa", "seen"), ("copa+tsa", "default")]
+QUICK_STEPS = 1
+QUICK_DEFAULTS = {"episodes": [0]}
 
 
 def load_backbone(reference_dir: Path) -> CopaModel:
@@ -51,15 +61,17 @@ def pixels(uint8: np.ndarray, how: str) -> torch.Tensor:
     return 2 * (torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255 - 0.5)
 
 
-def run(model, method, preset, official_hp, support, labels, query, transcription=False):
-    """(query logits [Q, C] as float64 numpy, per-step losses or None)."""
+def run(model, method, preset, official_hp, support, labels, query, transcription=False, steps=None):
+    """(query logits [Q, C] as float64 numpy, per-step losses or None); `steps` overrides the 40 steps."""
+    official_hp = official_hp if steps is None else {**official_hp, "steps": steps}
     if transcription:
         if method == "tsa":
             return official_tsa(model, support, labels, query, **official_hp).double().numpy(), None
         losses, logits = official_copa_tsa(model, support, labels, query, **official_hp)
         return logits.double().numpy(), losses
-    head = get_learner(method, preset).fit_images(model, support, labels)
-    logits = head.logits(model.extract_features(query, adapters=head.adapters))
+    overrides = {} if steps is None else {"steps": steps}
+    head = get_learner(method, preset, **overrides).fit_images(model, support, labels)
+    logits = head.logits(model.extract_features(query, **head.backbone_state()))
     return logits.double().numpy(), (np.array(head.train_losses) if method == "copa+tsa" else None)
 
 
@@ -70,7 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--episodes", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run that checks the script works (seconds), not figures to report (tsa seen and "
+        "copa+tsa default on --episodes 0, 1 step, all at 1 thread; flags given explicitly still apply)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:  # quick defaults, then parse again so that explicit flags win
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
 
     model32 = load_backbone(args.reference_dir)
     model64 = load_backbone(args.reference_dir).double()
@@ -79,14 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         "copa+tsa": np.load(args.reference_dir / "copa_tsa_adaptation.npz"),
     }
     rows = []
-    for (method, name), episode in itertools.product(CASES, args.episodes):
+    for (method, name), episode in itertools.product(QUICK_CASES if args.quick else CASES, args.episodes):
         preset, official_hp = CASES[(method, name)]
         ref = references[method]
         key = f"ep{episode}_{'tsa' if method == 'tsa' else 'copa_tsa'}_{name}"
         expected = ref[f"{key}_query_logits"].astype(np.float64)
         expected_losses = ref.get(f"{key}_train_losses")
+        if args.quick and expected_losses is not None:
+            expected_losses = expected_losses[:QUICK_STEPS]
         labels = torch.from_numpy(ref[f"ep{episode}_support_labels"])
         runs = {}
+        steps = QUICK_STEPS if args.quick else None
         started = time.perf_counter()
         for label, threads, how, dtype, transcription in (
             ("float32 as the reference (2 threads)", 2, "float32", torch.float32, False),
@@ -96,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             ("float64", 2, "float32", torch.float64, False),
             ("float64, official transcription", 2, "float32", torch.float64, True),
         ):
-            torch.set_num_threads(threads)
+            torch.set_num_threads(1 if args.quick else threads)
             support = pixels(ref[f"ep{episode}_support_uint8"], how).to(dtype)
             query = pixels(ref[f"ep{episode}_query_uint8"], how).to(dtype)
             model = model64 if dtype == torch.float64 else model32
-            runs[label] = run(model, method, preset, official_hp, support, labels, query, transcription)
+            runs[label] = run(
+                model, method, preset, official_hp, support, labels, query, transcription, steps
+            )
         float32 = [logits for label, (logits, _) in runs.items() if label.startswith("float32")]
         row = {
             "method": method,
@@ -135,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        figures = {"torch": torch.__version__, **({"quick": True} if args.quick else {}), "rows": rows}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

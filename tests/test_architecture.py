@@ -172,8 +172,15 @@ def test_every_hyperparameter_a_learner_declares_is_a_cli_flag():
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
     flags = {action.dest for action in demo._actions}
     declared = {name for m in hf_copa.available_methods() for name in hf_copa.ADAPTATION_DEFAULTS[m]}
-    assert declared == {"steps", "lr", "weight_decay", "tau", "scale", "lr_beta", "adapter_lr_scale"}
+    assert declared == {
+        "steps", "lr", "weight_decay", "tau", "scale", "lr_beta", "adapter_lr_scale",
+        "optimizer", "classifier", "weight_norm", "seed", "beta", "heads", "blocks",
+    }  # fmt: skip
     assert declared <= flags
+    args = build_parser().parse_args(
+        ["demo", "--method", "finetune", "--optimizer", "gd", "--weight-norm", "false", "--steps", "3"]
+    )
+    assert (args.optimizer, args.weight_norm, args.steps) == ("gd", False, 3)
 
 
 def readme_method_table() -> dict[str, tuple[dict[str, float], set[str]]]:
@@ -182,15 +189,30 @@ def readme_method_table() -> dict[str, tuple[dict[str, float], set[str]]]:
     for line in (REPO_ROOT / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 4 and re.fullmatch(r"`[\w+-]+`", cells[0]):
-            defaults = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.e]+)", cells[2])}
+            defaults = {k: _cell_value(v) for k, v in re.findall(r"(\w+)=([-\w.]+)", cells[2])}
             presets = set(re.findall(r"`([\w-]+)`", cells[3]))
             rows[cells[0].strip("`")] = (defaults, presets)
     return rows
+
+
+def _cell_value(text: str):
+    """A default as the table writes it: a number, true / false, or a word."""
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _as_listed(value):
+    return value if isinstance(value, bool | str) else float(value)
 
 
 def test_the_readme_method_table_matches_the_registry():
     table = readme_method_table()
     assert set(table) == set(hf_copa.available_methods())
     for method, (defaults, presets) in table.items():
-        assert defaults == {k: float(v) for k, v in hf_copa.ADAPTATION_DEFAULTS[method].items()}, method
+        expected = {k: _as_listed(v) for k, v in hf_copa.ADAPTATION_DEFAULTS[method].items()}
+        assert defaults == expected, method
         assert presets == set(hf_copa.ADAPTATION_PRESETS[method]), method

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import hf_copa
 from hf_copa import CopaForFewShotClassification, CopaModel
 from hf_copa.adapters import adapter_shapes
 from hf_copa.heads import HEAD_WEIGHTS_NAME
@@ -25,7 +26,24 @@ from tests.support.local_hub import LocalHub, local_hub_env
 from .conftest import tiny_backbone
 
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 230, 40), (200, 40, 200)]
-FAST = {"ncc": {}, "url": {"steps": 2}, "copa": {"steps": 2}, "tsa": {"steps": 2}, "copa+tsa": {"steps": 2}}
+FAST = {
+    method: {"steps": 2} if "steps" in hf_copa.ADAPTATION_DEFAULTS[method] else {}
+    for method in hf_copa.available_methods()
+}
+# What each method's artifact stores besides `prototypes` (backbone.* / adapters.* counted apart).
+STORED_RULE = {
+    "ncc": set(),
+    "url": {"image_projection"},
+    "copa": {"image_projection", "prototype_projection"},
+    "tsa": {"image_projection"},
+    "copa+tsa": {"image_projection", "prototype_projection"},
+    "finetune": {"weight", "bias"},
+    "finetune-all": {"weight", "bias"},
+    "proto-maml": {"weight", "bias"},
+    "proto-maml-all": {"weight", "bias"},
+    "mahalanobis": {"precisions"},
+    "copa-transformer": {"prototype_embeddings"},
+}
 ARTIFACT = {"config.json", HEAD_WEIGHTS_NAME, "preprocessor_config.json", "README.md"}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -133,6 +151,72 @@ def test_tsa_heads_store_their_adapters_and_load_back_identical(base_folder, tmp
     expected = classifier.predict(QUERIES[:1])[0]
     assert [entry["label"] for entry in ranking] == [entry["label"] for entry in expected]
     assert ranking[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
+
+
+@pytest.mark.parametrize("method", hf_copa.available_methods())
+def test_every_method_saves_loads_and_serves_the_pipeline_identically(base_folder, tmp_path, method):
+    classifier = CopaModel.from_pretrained(base_folder).adapt(
+        *support(["b", "a", "c"]), method=method, **FAST[method]
+    )
+    classifier.save_pretrained(tmp_path)
+    tensors = stored_tensors(tmp_path)
+    backbone = {name for name in tensors if name.startswith(("backbone.", "adapters.", "image_encoder."))}
+    assert set(tensors) - backbone == {"prototypes"} | STORED_RULE[method]
+    metadata = json.loads((tmp_path / "config.json").read_text())["copa_head"]
+    assert metadata["method"] == method
+    assert metadata.get("scoring", "cosine") == classifier.head.scoring  # formats 1, 2: always cosine
+    # Heads older hf_copa can score keep their old format; a new rule or fine-tuned backbone weights need 3,
+    # which a release that reads format 2 refuses ("upgrade hf_copa") instead of misreading.
+    expected_version = 3 if classifier.head.scoring != "cosine" or classifier.head.backbone_weights else None
+    if expected_version:
+        assert metadata["format_version"] == expected_version
+    else:
+        assert metadata["format_version"] in (1, 2)
+    if method.endswith("-all"):
+        assert metadata["backbone_weights"] == sorted(classifier.head.backbone_weights)
+        assert {name.removeprefix("backbone.") for name in backbone} == set(classifier.head.backbone_weights)
+
+    loaded = CopaForFewShotClassification.from_pretrained(tmp_path)
+    assert_same_classifier(loaded, classifier)
+    classify = transformers.pipeline("image-classification", model=str(tmp_path))
+    for image, expected in zip(QUERIES, classifier.predict(QUERIES), strict=True):
+        ranking = classify(image, top_k=None)
+        assert [entry["label"] for entry in ranking] == [str(entry["label"]) for entry in expected]
+        assert ranking[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
+
+
+def test_a_head_of_a_newer_format_is_refused_with_upgrade_advice(base_folder, tmp_path):
+    CopaModel.from_pretrained(base_folder).adapt(*support(["a", "b"]), method="mahalanobis").save_pretrained(
+        tmp_path
+    )
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["copa_head"]["format_version"] = hf_copa.heads.FORMAT_VERSION + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="upgrade hf_copa"):
+        CopaForFewShotClassification.from_pretrained(tmp_path)
+
+
+def test_a_head_of_an_unknown_scoring_rule_is_refused_not_scored_as_cosine(base_folder, tmp_path):
+    CopaModel.from_pretrained(base_folder).adapt(
+        *support(["a", "b"]), method="finetune", steps=1
+    ).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["copa_head"]["scoring"] = "hyperbolic"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hyperbolic"):
+        CopaForFewShotClassification.from_pretrained(tmp_path)
+
+
+def test_a_fifty_way_mahalanobis_head_on_512d_features_stays_under_60_mb(tmp_path):
+    backbone = tiny_backbone(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 16, 512])
+    pictures = images([COLOURS[i % len(COLOURS)] for i in range(50)] * 2, seed=3)
+    classifier = backbone.adapt(pictures, list(range(50)) * 2, method="mahalanobis")
+    classifier.save_pretrained(tmp_path)
+    assert stored_tensors(tmp_path)["precisions"].shape == (50, 512, 512)
+    weights = (tmp_path / HEAD_WEIGHTS_NAME).stat().st_size
+    payload = (50 * 512 * 512 + 50 * 512) * 4  # float32 precisions and prototypes: 52.5 MB
+    assert payload <= weights < payload + 4096
+    assert sum(path.stat().st_size for path in tmp_path.iterdir()) < 60e6
 
 
 def test_heads_without_adapters_keep_format_1_so_older_readers_still_load_them(base_folder, tmp_path):

@@ -389,25 +389,44 @@ def test_the_after_view_is_what_the_classifier_compares(method):
         assert after.gap != pytest.approx(before.gap)
 
 
-@pytest.mark.parametrize("method", ["copa", "ncc", "tsa", "copa+tsa"])
+@pytest.mark.parametrize("method", hf_copa.available_methods())
 def test_a_request_embeds_each_image_at_most_twice(method):
     """run_task goes through adapt_to_task once: feature learners embed each image once (the views reuse the
-    features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view)."""
+        features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view).
+        Learners that fine-tune the layers themselves (`*-all`) also run the support set through the backbone at
+        each of their steps and once after the last (fo-Proto-MAML also once before the first, for its
+    prototype initialisation), which is their training, not re-embedding."""
     from hf_copa.interactive import Task, run_task
 
     backbone = hf_copa.CopaModel(hf_copa.CopaConfig(**TINY_CONFIG)).eval()
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(9)]
     task = Task(images[:6], ["a", "b", "c"] * 2, images[6:], ["q0", "q1", "q2"])
-    embedded = []
-    hook = backbone.register_forward_pre_hook(lambda module, args: embedded.append(len(args[0])))
+    embedded, depth = [], [0]
+
+    def enter(module, args):  # forward(weights=...) re-enters forward: count the outer call only
+        depth[0] += 1
+        if depth[0] == 1:
+            embedded.append(len(args[0]))
+
+    def leave(module, args, output):
+        depth[0] -= 1
+
+    hooks = [backbone.register_forward_pre_hook(enter), backbone.register_forward_hook(leave)]
+    steps = 2 if "steps" in hf_copa.ADAPTATION_DEFAULTS[method] else None
     try:
-        result = run_task(backbone, task, method, **({} if method == "ncc" else {"steps": 2}))
+        result = run_task(backbone, task, method, **({} if steps is None else {"steps": steps}))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     plain = len(task.support_images) + len(task.query_images)
-    assert sum(embedded) == (plain if method in ("copa", "ncc") else plain + len(task.query_images))
-    assert sum(embedded) <= 2 * plain and result.probabilities.shape == (3, 3)
+    expected = plain
+    if hf_copa.get_learner(method).needs_backbone:
+        expected += len(task.query_images)
+    if result.classifier.head.backbone_weights:  # each step, after the last, and proto-maml's init
+        expected += (steps + 1 + (method == "proto-maml-all")) * len(task.support_images)
+    assert sum(embedded) == expected
+    assert result.probabilities.shape == (3, 3)
 
 
 @pytest.mark.parametrize("method", ["tsa", "copa+tsa"])
@@ -720,7 +739,7 @@ def test_the_page_is_served_on_localhost(space):
     assert config["enable_queue"] is True
 
 
-@pytest.mark.parametrize("method", ["copa", "url", "ncc", "tsa", "copa+tsa"])
+@pytest.mark.parametrize("method", hf_copa.available_methods())
 def test_classifies_real_images(client, space, real_task, model, method):
     classes = list(real_task.support.items())
     out = classify(client, classes, real_task.queries, method)
@@ -744,7 +763,7 @@ def test_classifies_real_images(client, space, real_task, model, method):
             assert got["probabilities"][item["label"]] == pytest.approx(item["score"], abs=1e-4)
 
     assert math.isfinite(result["gap_before"]) and math.isfinite(result["gap_after"])
-    if method == "ncc":
+    if method in ("ncc", "mahalanobis"):  # neither moves the features nor replaces the class means
         assert result["gap_after"] == result["gap_before"]
     else:
         assert result["gap_after"] != pytest.approx(result["gap_before"])

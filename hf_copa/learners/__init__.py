@@ -1,6 +1,16 @@
 """Per-task adaptation methods, one file each, registered by name (see `registry`)."""
 
-from . import copa, copa_tsa, ncc, tsa, url  # noqa: F401  (each registers itself)
+from . import (  # noqa: F401  (each registers itself)
+    copa,
+    copa_transformer,
+    copa_tsa,
+    finetune,
+    mahalanobis,
+    ncc,
+    proto_maml,
+    tsa,
+    url,
+)
 from .base import BackboneLearner, Learner
 from .registry import (
     ADAPTATION_DEFAULTS,

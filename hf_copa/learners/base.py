@@ -17,23 +17,44 @@ from torch import nn
 
 from ..frozen import frozen_backbone
 from ..heads import AdaptedHead
-from ..validation import CopaTypeError, CopaValueError, as_feature_matrix, as_label_vector, as_pixel_values
+from ..validation import (
+    CopaTypeError,
+    CopaValueError,
+    as_feature_maps,
+    as_feature_matrix,
+    as_label_vector,
+    as_pixel_values,
+)
 
 # What a hyperparameter of a given name must be, whichever learner declares it.
 HYPERPARAMETER_RULES: dict[str, str] = {
     "steps": "a non-negative integer",
+    "seed": "a non-negative integer",
+    "heads": "a positive integer",
+    "blocks": "a positive integer",
     "lr": "a finite positive number",
     "lr_beta": "a finite positive number",
     "scale": "a finite positive number",
     "adapter_lr_scale": "a finite positive number",
+    "beta": "a finite positive number",
     "weight_decay": "a finite number >= 0",
     "tau": "a finite number",
+    "optimizer": "one of 'adam', 'gd'",
+    "classifier": "one of 'linear', 'cosine'",
+    "weight_norm": "true or false",
 }
 
 
 def _obeys(rule: str, value: Any) -> bool:
+    if rule.startswith("one of "):
+        return isinstance(value, str) and f"'{value}'" in rule.removeprefix("one of ").split(", ")
+    if rule == "true or false":
+        return isinstance(value, bool)
+    integer = isinstance(value, int) and not isinstance(value, bool)
     if rule == "a non-negative integer":
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return integer and value >= 0
+    if rule == "a positive integer":
+        return integer and value > 0
     number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if rule == "a finite positive number":
         return number and value > 0
@@ -57,6 +78,9 @@ class Learner:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # True for learners that put parameters inside the backbone (TSA): they adapt on images.
     needs_backbone: ClassVar[bool] = False
+    # What a feature learner fits on: "pooled" features [N, d], or the last stage's "maps" [N, d, h, w]
+    # before pooling (CoPA's transformer head); evaluation extracts and caches maps only for the latter.
+    feature_kind: ClassVar[str] = "pooled"
 
     def __init__(
         self,
@@ -112,17 +136,54 @@ class Learner:
 
     def fit(self, support_features: torch.Tensor | np.ndarray, support_labels: Any) -> AdaptedHead:
         """Adapt to one support set (labels 0..C-1, every class present) and return its head."""
-        features = as_feature_matrix(support_features, "support_features")
+        features = self.check_features(support_features, "support_features")
         labels = as_label_vector(support_labels, len(features))
         if features.dtype not in (torch.float32, torch.float64):
             features = features.to(torch.float32)
         # Unpadded: one episode runs exactly the official arithmetic (padding would shift its rounding).
         labels = labels.to(features.device)
-        return self.fit_batch(features.unsqueeze(0), labels.unsqueeze(0), int(labels.max()) + 1)[0]
+        head = self.fit_batch(features.unsqueeze(0), labels.unsqueeze(0), int(labels.max()) + 1)[0]
+        return self.check_converged([head])[0]
+
+    def check_converged(self, heads: list[AdaptedHead]) -> list[AdaptedHead]:
+        """Refuse heads whose optimisation diverged (a non-finite loss or parameter), naming the fix, rather
+        than return a classifier that answers NaN. An official learning rate tuned for another backbone can
+        do this (fo-Proto-MAML's all-layers inner loop on the bundled model, for one)."""
+        for head in heads:
+            losses = np.asarray(head.train_losses, dtype=float)
+            bad_step = int(np.flatnonzero(~np.isfinite(losses))[0]) if not np.isfinite(losses).all() else None
+            tensors = [head.prototypes, *head.rule_tensors().values(), *head.backbone_weights.values()]
+            tensors += list(head.adapters.values())
+            if bad_step is None and all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+                continue
+            where = (
+                f"its support loss became {losses[bad_step]} at step {bad_step + 1} of {len(losses)}"
+                if bad_step is not None
+                else "its parameters became NaN or infinite"
+            )
+            lr = self.hyperparameters.get("lr")
+            advice = (
+                f"the learning rate (lr={lr:g}) is too high for these features; pass a lower one (lr=..., "
+                "--lr on the command line)"
+                if lr is not None
+                else "check the support features"
+            )
+            raise CopaValueError(f"{self.name} diverged: {where}; {advice}.")
+        return heads
 
     def fit_batch(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[AdaptedHead]:
-        """Adapt B padded episodes at once: features [B, N, d], labels [B, N] (-1 = padding)."""
+        """Adapt B padded episodes at once: features [B, N, d] (maps: [B, N, d, h, w]), labels [B, N]
+        (-1 = padding)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_features(
+        cls, features: Any, name: str, expected: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """The features this learner fits on, checked: [N, d], or maps [N, d, h, w] (feature_kind "maps")."""
+        if cls.feature_kind == "maps":
+            return as_feature_maps(features, name, expected)
+        return as_feature_matrix(features, name, None if expected is None else expected[0])
 
     def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:
         """Adapt to one support set of images (learners with `needs_backbone`)."""
@@ -171,6 +232,7 @@ class BackboneLearner(Learner):
         )
         with frozen_backbone(backbone):
             head, features = self.fit_backbone(backbone, pixel_values, labels.to(reference.device))
+        self.check_converged([head])
         return head, features.detach()
 
     def fit_backbone(

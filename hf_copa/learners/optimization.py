@@ -1,8 +1,9 @@
-"""The inner loop every optimising learner shares."""
+"""The inner loop every optimising learner shares, and the optimisers the official codes use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -69,3 +70,53 @@ def run_steps_with_grads(
     if not history:
         return torch.empty(0, batch_size)
     return torch.stack(history)
+
+
+class TensorFlowAdam(torch.optim.Optimizer):
+    """`tf.compat.v1.train.AdamOptimizer`'s update (Meta-Dataset's within-episode optimiser).
+
+    TensorFlow's Adam (`training_ops.ApplyAdam`) folds both bias corrections into the step size and adds
+    epsilon to the square root of the *uncorrected* second moment:
+    lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t);  theta -= lr_t * m / (sqrt(v) + eps).
+    `torch.optim.Adam` adds eps after correcting v instead, so the two differ wherever sqrt(v) is near eps.
+    Defaults are TensorFlow's (beta1 0.9, beta2 0.999, eps 1e-8); no weight decay, as in Meta-Dataset.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
+        if closure is not None:
+            raise ValueError("TensorFlowAdam takes no closure.")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(param)
+                    state["v"] = torch.zeros_like(param)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["m"], state["v"]
+                m.mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                param.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+
+
+def within_episode_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Meta-Dataset's two within-episode optimisers: "adam" (TensorFlow's) or "gd" (plain gradient
+    descent, `optimization_learners.gradient_descent_step`)."""
+    if name == "adam":
+        return TensorFlowAdam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)

@@ -98,3 +98,10 @@ def _frozen(table: Mapping[str, Any]) -> Mapping[str, Any]:
 # declare (edit a learner's file, or a model's `CopaConfig.adaptation`, to change them).
 ADAPTATION_DEFAULTS: Mapping[str, Mapping[str, Any]] = _RegistryTable("default_hyperparameters")
 ADAPTATION_PRESETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = _RegistryTable("presets")
+
+
+def shown_value(value: Any) -> str:
+    """A hyperparameter as people write it: `true` / `false`, numbers in `%g`, words as they are."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, int | float) else str(value)

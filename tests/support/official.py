@@ -211,3 +211,298 @@ def official_copa(
         loss.backward()
         optimizer.step()
     return score_query(), history
+
+
+# --- Meta-Dataset: the Finetune baseline and fo-Proto-MAML (google-research/meta-dataset, commit 16760950)
+
+
+def tf_l2_normalize(x: torch.Tensor, axis: int, epsilon: float = 1e-3) -> torch.Tensor:
+    """`tf.nn.l2_normalize`: x * rsqrt(max(sum(x^2), epsilon))."""
+    return x * torch.rsqrt(torch.clamp((x * x).sum(axis, keepdim=True), min=epsilon))
+
+
+class TFAdamSlots:
+    """The state and update of `tf.compat.v1.train.AdamOptimizer` (`ApplyAdam`'s kernel, as written in
+    tensorflow/core/kernels/training_ops.cc): m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
+    var -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)."""
+
+    def __init__(self, variables, lr, beta1=0.9, beta2=0.999, epsilon=1e-8):
+        self.lr, self.beta1, self.beta2, self.epsilon = lr, beta1, beta2, epsilon
+        self.m = [torch.zeros_like(v) for v in variables]
+        self.v = [torch.zeros_like(v) for v in variables]
+        self.beta1_power, self.beta2_power = 1.0, 1.0
+
+    @torch.no_grad()
+    def apply(self, variables, grads) -> None:
+        self.beta1_power *= self.beta1
+        self.beta2_power *= self.beta2
+        lr_t = self.lr * (1 - self.beta2_power) ** 0.5 / (1 - self.beta1_power)
+        for var, grad, m, v in zip(variables, grads, self.m, self.v, strict=True):
+            m += (grad - m) * (1 - self.beta1)
+            v += (grad * grad - v) * (1 - self.beta2)
+            var -= lr_t * m / (v.sqrt() + self.epsilon)
+
+
+def official_finetune(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    query: torch.Tensor,
+    w_init: torch.Tensor,
+    steps: int,
+    lr: float,
+    adam: bool = True,
+    weight_norm: bool = True,
+    cosine: bool = False,
+    multiplier: float = 1.0,
+    backbone: nn.Module | None = None,
+) -> torch.Tensor:
+    """`BaselineFinetuneLearner.compute_logits` (learners/optimization_learners.py l. 186-375) with
+    `functional_classifiers.linear_classifier` (l. 66-156): a classifier over the episode's `way` classes,
+    w_fc [d, way] from `w_init` (already scaled by its init std), g = 1 and b_fc = 0 under weight norm (the
+    data-dependent init does not rerun after the first episode), b_fc = 0.1 without; `steps` updates of
+    Adam (`finetune_with_adam`) or gradient descent on the per-example cross-entropy vector (whose gradient
+    tf.gradients sums). With `backbone` (`finetune_all_layers=True`), `support` / `query` are images and
+    every variable of an eval-mode copy of the backbone is fine-tuned too. Returns the query logits."""
+    way = int(labels.max()) + 1
+    onehot = F.one_hot(labels, way).to(w_init.dtype)
+    w_fc = w_init.clone().requires_grad_(True)
+    fc_vars = [w_fc]
+    g = b_fc = None
+    if weight_norm:
+        g = torch.ones(way, dtype=w_init.dtype).requires_grad_(True)
+        fc_vars.append(g)
+    if not cosine:
+        b_fc = torch.full((way,), 0.0 if weight_norm else 0.1, dtype=w_init.dtype).requires_grad_(True)
+        fc_vars.append(b_fc)
+    model = None
+    variables = list(fc_vars)
+    if backbone is not None:
+        model = copy.deepcopy(backbone).eval()  # get_embeddings_vars_copy_ops: per-episode copies
+        variables += list(model.parameters())
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return x if model is None else model(x).pooler_output
+
+    def fc_layer(embeddings: torch.Tensor) -> torch.Tensor:
+        w = w_fc
+        if weight_norm:
+            w = w * g / torch.sqrt(torch.sum(torch.square(w), 0))
+        if cosine:
+            embeddings = tf_l2_normalize(embeddings, 1)
+            if not weight_norm:
+                w = tf_l2_normalize(w, 0)
+            return multiplier * (embeddings @ w)
+        return embeddings @ w + b_fc
+
+    adam_slots = TFAdamSlots(variables, lr) if adam else None
+    for _ in range(steps):
+        logits = fc_layer(embed(support))[:, :way]
+        loss = -(onehot * F.log_softmax(logits, dim=1)).sum(1)  # softmax_cross_entropy, Reduction.NONE
+        grads = torch.autograd.grad(loss.sum(), variables)
+        if adam_slots is not None:
+            adam_slots.apply(variables, grads)
+        else:
+            with torch.no_grad():
+                for var, grad in zip(variables, grads, strict=True):
+                    var -= lr * grad
+    with torch.no_grad():
+        return fc_layer(embed(query))[:, :way]
+
+
+def official_proto_maml(
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    query: torch.Tensor,
+    alpha: float,
+    steps: int,
+    backbone: nn.Module | None = None,
+) -> torch.Tensor:
+    """`MAMLLearner.forward_pass` at test time (learners/optimization_learners.py l. 469-623) with
+    `proto_maml_fc_layer_init`: fc weights 2 * prototypes^T [d, way] and bias -|prototype|^2, then `steps`
+    plain gradient-descent updates (`gradient_descent_step`, alpha) on `tf.losses.softmax_cross_entropy` of
+    the support set (the mean). With `backbone`, `support` / `query` are images and the inner loop also
+    updates an eval-mode copy's variables, except BatchNorm's scale and offset (`adapt_batch_norm=False`).
+    Returns the query logits."""
+    way = int(labels.max()) + 1
+    onehot = F.one_hot(labels, way)
+    model = None
+    embedding_vars = []
+    if backbone is not None:
+        model = copy.deepcopy(backbone).eval()
+        batch_norm = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+        embedding_vars = [p for p in model.parameters() if id(p) not in batch_norm]
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in batch_norm)
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return x if model is None else model(x).pooler_output
+
+    with torch.no_grad():
+        embeddings = embed(support)
+        prototypes = (onehot.T.to(embeddings.dtype) @ embeddings) / onehot.sum(0, keepdim=True).T
+        fc_weights = (2 * prototypes).T.clone().requires_grad_(True)
+        fc_bias = (-torch.square(torch.norm(prototypes, dim=1))).clone().requires_grad_(True)
+    variables = [*embedding_vars, fc_weights, fc_bias]
+    for _ in range(steps):
+        logits = (embed(support) @ fc_weights + fc_bias)[:, :way]
+        loss = -(onehot.to(logits.dtype) * F.log_softmax(logits, dim=1)).sum(1).mean()
+        grads = torch.autograd.grad(loss, variables)
+        with torch.no_grad():
+            for var, grad in zip(variables, grads, strict=True):
+                var -= alpha * grad
+    with torch.no_grad():
+        return (embed(query) @ fc_weights + fc_bias)[:, :way]
+
+
+# --- Simple CNAPS' classifier (peymanbateni/simple-cnaps, commit 5c43a08b) ---------------------------------
+
+
+def official_estimate_cov(examples: torch.Tensor, rowvar: bool = False) -> torch.Tensor:
+    """`SimpleCnaps.estimate_cov` (simple-cnaps-src/simple_cnaps.py l. 161-197), step for step."""
+    if examples.dim() > 2:
+        raise ValueError("m has more than 2 dimensions")
+    if examples.dim() < 2:
+        examples = examples.view(1, -1)
+    if not rowvar and examples.size(0) != 1:
+        examples = examples.t()
+    factor = 1.0 / (examples.size(1) - 1)
+    examples = examples - torch.mean(examples, dim=1, keepdim=True)
+    examples_t = examples.t()
+    return factor * examples.matmul(examples_t).squeeze()
+
+
+def official_mahalanobis(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """`SimpleCnaps._build_class_reps_and_covariance_estimates` (l. 132-159) and the logits of `forward`
+    (l. 82-87) on given features: the query logits [Q, C]."""
+    task_covariance_estimate = official_estimate_cov(support)
+    class_representations, class_precision_matrices = [], []
+    for c in torch.unique(labels):
+        class_features = torch.index_select(support, 0, torch.nonzero(torch.eq(labels, c)).flatten())
+        class_representations.append(torch.mean(class_features, dim=0, keepdim=True))
+        lambda_k_tau = class_features.size(0) / (class_features.size(0) + 1)
+        eye = torch.eye(class_features.size(1), class_features.size(1), dtype=support.dtype)
+        class_precision_matrices.append(
+            torch.inverse(
+                (lambda_k_tau * official_estimate_cov(class_features))
+                + ((1 - lambda_k_tau) * task_covariance_estimate)
+                + eye
+            )
+        )
+    class_means = torch.stack(class_representations).squeeze(1)
+    precisions = torch.stack(class_precision_matrices)
+    number_of_classes, number_of_targets = class_means.size(0), query.size(0)
+    repeated_target = query.repeat(1, number_of_classes).view(-1, class_means.size(1))
+    repeated_class_means = class_means.repeat(number_of_targets, 1)
+    repeated_difference = repeated_class_means - repeated_target
+    repeated_difference = repeated_difference.view(
+        number_of_targets, number_of_classes, repeated_difference.size(1)
+    ).permute(1, 0, 2)
+    first_half = torch.matmul(repeated_difference, precisions)
+    return torch.mul(first_half, repeated_difference).sum(dim=2).transpose(1, 0) * -1
+
+
+# --- CoPA's transformer encoders (HongduanTian/CoPA, commit f829b529) ------------------------------------
+
+
+class OfficialAttention(nn.Module):
+    """`models/transformer.py::AttentionModule` (l. 15-138) with `init_mode='eye'`."""
+
+    def __init__(self, num_heads: int, dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_head, self.k_head, self.v_head = (nn.Linear(dim, dim) for _ in range(3))
+        with torch.no_grad():
+            for layer in (self.q_head, self.k_head, self.v_head):
+                layer.weight.copy_(torch.eye(dim))
+                layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def split_last(t: torch.Tensor) -> torch.Tensor:
+            return t.view(*t.size()[:-1], self.num_heads, t.size(-1) // self.num_heads)
+
+        queries, keys, values = (
+            split_last(t).transpose(1, 2) for t in (self.q_head(x), self.k_head(x), self.v_head(x))
+        )
+        score = queries @ keys.transpose(-2, -1) * torch.rsqrt(torch.tensor(keys.size(-1)).type_as(keys))
+        score = score - score.max(dim=-1, keepdim=True).values  # softmax_func
+        exp_logits = torch.exp(score)
+        sim_score = exp_logits / exp_logits.sum(dim=-1, keepdim=True)
+        atten = (sim_score @ values).transpose(1, 2).contiguous()
+        return atten.view(*atten.size()[:-2], -1)
+
+
+class OfficialSimpleBlock(nn.Module):
+    """`SimpleSelfAttentionBlock` (l. 203-239) after `reset_params`: linear_head(layernorm(x + atten(x)))."""
+
+    def __init__(self, num_heads: int, dim: int) -> None:
+        super().__init__()
+        self.atten_module = OfficialAttention(num_heads, dim)
+        self.layernorm = nn.LayerNorm(dim, eps=1e-6)
+        self.linear_head = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.linear_head.weight.copy_(torch.eye(dim))
+            self.linear_head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_head(self.layernorm(x + self.atten_module(x)))
+
+
+class OfficialTransformer(nn.Module):
+    """`Transformer(num_blocks, is_simpleatten=True, init_mode='eye')` (l. 242-308) after `reset_params`,
+    with the position embeddings given (the official table is [1, 37, 512]: 6 x 6 maps)."""
+
+    def __init__(self, num_blocks: int, num_heads: int, position_embeddings: torch.Tensor) -> None:
+        super().__init__()
+        dim = position_embeddings.shape[-1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embeddings = nn.Parameter(position_embeddings.reshape(1, -1, dim).clone())
+        self.blocks = nn.ModuleList(OfficialSimpleBlock(num_heads, dim) for _ in range(num_blocks))
+
+    def forward(self, protos: torch.Tensor) -> torch.Tensor:
+        protos = torch.transpose(torch.flatten(protos, start_dim=2), 1, 2)
+        protos = torch.cat((self.cls_token.expand(protos.size(0), -1, -1), protos), dim=1)
+        protos = protos + self.pos_embeddings
+        for block in self.blocks:
+            protos = block(protos)
+        return protos[:, 0, :]
+
+
+def official_copa_transformer(
+    support_maps: torch.Tensor,
+    labels: torch.Tensor,
+    query_maps: torch.Tensor,
+    prototype_positions: torch.Tensor,
+    image_positions: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    tau: float = 2.0,
+    steps: int = 50,
+    num_heads: int = 8,
+    num_blocks: int = 1,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """`models/adaptation.py::pa_adaptation` with `encoder.type == 'transformer'` (l. 65-88, 109-175):
+    class-mean maps (`compute_prototypes`), Adam over [feature_encoder, prototype_encoder], `steps` steps
+    on `symmetric_CE(feature_encoder(support), prototype_encoder(prototypes))`; returns the losses and the
+    query logits 10 * cos(feature_encoder(query), prototype_encoder(prototypes)) (`symmetric_CE`'s
+    accuracy logits, models/losses.py l. 294-297). Module and loss in the maps' dtype."""
+    dtype = support_maps.dtype
+    prototype_encoder = OfficialTransformer(num_blocks, num_heads, prototype_positions).to(dtype)
+    feature_encoder = OfficialTransformer(num_blocks, num_heads, image_positions).to(dtype)
+    optimizer = torch.optim.Adam(
+        [{"params": feature_encoder.parameters()}, {"params": prototype_encoder.parameters()}],
+        lr=lr,
+        weight_decay=weight_decay,
+    )
+    unique = torch.arange(int(labels.max()) + 1).unsqueeze(1)
+    indicate = unique.eq(labels.reshape(1, -1)).to(dtype)
+    _, c, h, w = support_maps.shape
+    prototypes = (indicate @ support_maps.flatten(1) / indicate.sum(dim=1, keepdim=True)).view(-1, c, h, w)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = symmetric_ce(feature_encoder(support_maps), prototype_encoder(prototypes), labels, tau)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return np.array(losses), cosine_logits(feature_encoder(query_maps), prototype_encoder(prototypes))

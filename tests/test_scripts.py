@@ -1,0 +1,185 @@
+"""Every script in scripts/ runs as `python scripts/NAME.py --quick` from the repository root after
+`pip install -e .`, with no PYTHONPATH, and writes its normal output (its --json file) with real figures.
+
+Each script runs in a subprocess at one thread (OMP_NUM_THREADS=1; --threads 1 where the script has it).
+Scripts that read ../shared (or $HF_COPA_SHARED) skip without it locally and fail in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO_ROOT, SHARED_DIR, shared_path, unavailable
+
+SCRIPTS_DIR = REPO_ROOT / "scripts"
+TIMEOUT_S = 300  # each takes seconds to ~1 minute on one thread; this only stops a hung script
+
+
+def numbers(value) -> list[float]:
+    """Every int and float in a JSON value (bools excluded), depth first."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    items = value.values() if isinstance(value, dict) else value
+    return [x for item in items for x in numbers(item)]
+
+
+# --- what each script is given and what its output must show --------------------------------------------
+
+
+def check_adaptation(out: dict) -> None:
+    assert out["machine"]["quick"] is True and out["machine"]["repeats"] == 1
+    assert out["machine"]["matmul_peak_gflops"] > 0
+    rows = out["rows"]
+    assert {(r["method"], r["episode"]) for r in rows} == {
+        (m, e) for m in ("copa", "copa (official-style)", "url") for e in (0, 1)
+    }
+    assert all(r["ms_per_episode"] > 0 and r["gflops_per_s"] > 0 for r in rows)
+    assert all(r["speedup_vs_official_style"] > 0 for r in rows if r["method"] == "copa")
+    if out["machine"]["episodes"].startswith("reference episodes"):  # ../shared/reference was found
+        assert all(r["max_abs_logit_diff"] < 1e-2 for r in rows), rows
+
+
+def check_evaluation(out: dict) -> None:
+    assert out["quick"] is True and out["images"] == 500 and out["episodes"] == 10
+    assert out["cache_fill_s"] > 0 and out["batched_adapt_s"] > 0 and out["one_by_one_adapt_s"] > 0
+    assert 0 < out["accuracy_mean"] <= 100 and out["mean_ways"] >= 2
+    assert out["identical_accuracies"] is True and out["episodes_differing"] == 0
+
+
+def check_meta_dataset(out: dict) -> None:
+    assert out["quick"] is True
+    assert out["source"]["records"] == 1000 and out["source"]["bytes"] > 0
+    assert out["source_small"]["records"] == 100
+    for conversion in (out["conversion"], out["conversion_small"]):
+        assert conversion["seconds"] > 0 and conversion["shards"] > 0 and conversion["peak_rss_mib"] > 0
+    assert out["parse"]["records"] == 1000
+    assert out["parse"]["direct_us_per_record"] > 0 and out["parse"]["protobuf_us_per_record"] > 0
+    assert out["decode"]["images"] == 256
+    assert set(out["decode"]["workers=1"]) == {"meta-dataset", "CopaImageProcessor"}
+    assert all(v > 0 for v in out["decode"]["workers=1"].values())
+
+
+def check_official_episodes(out: dict) -> None:
+    assert out["quick"] is True
+    assert set(out["sampler"]) == {
+        f"{source} meta-dataset" for source in ("md_plain", "md_bilevel", "md_dag", "generated_52x100")
+    }
+    for cell in out["sampler"].values():
+        assert cell["seconds"] > 0 and 0 < cell["rows_embedded"] <= cell["rows_in_split"]
+    assert out["sampler"]["generated_52x100 meta-dataset"]["rows_in_split"] == 52 * 100
+    end_to_end = out["end_to_end"]
+    assert end_to_end["seconds"] > 0 and "--episodes 5" in end_to_end["command"]
+    for domain in ("ilsvrc_2012", "omniglot", "dtd", "mnist"):
+        assert f"| {domain} |" in end_to_end["table"]
+
+
+def check_space(out: dict) -> None:
+    assert out["environment"]["quick"] is True and out["environment"]["repeats"] == 1
+    rows = out["rows"]
+    assert [(r["task"], r["method"], r["threads"]) for r in rows] == [
+        ("quickdraw", "copa", 1),
+        ("quickdraw", "copa+tsa", 1),
+    ]
+    for row in rows:
+        assert row["support"] > 0 and row["queries"] > 0
+        assert 0 < row["adaptation_s"] <= row["run_s"]
+
+
+def check_tsa(out: dict) -> None:
+    assert out["hardware"]["quick"] is True and out["hardware"]["threads"] == 1
+    rows = out["rows"]
+    assert [(r["model"], r["episode"], r["method"]) for r in rows] == [
+        ("default", "5-way 1-shot", method) for method in ("copa", "tsa", "copa+tsa")
+    ]
+    for row in rows:
+        assert row["support"] == 5 and row["query"] == 75
+        assert row["seconds_median"] > 0 and len(row["seconds"]) == 1
+
+
+def check_tsa_fidelity(out: dict) -> None:
+    assert out["quick"] is True
+    rows = out["rows"]
+    assert [(r["method"], r["setting"], r["episode"]) for r in rows] == [
+        ("tsa", "seen", 0),
+        ("copa+tsa", "default", 0),
+    ]
+    for row in rows:
+        assert len(row["max_abs_logit_diff_to_reference"]) == 6
+        # The official algorithm in float64: hf_copa's learner and the transcription agree (1 step).
+        assert row["float64_vs_transcription"] < 1e-6
+    losses = rows[1]["max_rel_loss_diff_to_reference"]  # the reference's first loss
+    assert max(losses.values()) < 1e-3, losses
+
+
+@dataclass(frozen=True)
+class Case:
+    args: Callable[[Path], list[str]]  # the arguments after --quick, given the output file
+    check: Callable[[dict], None]
+    shared: tuple[str, ...] = ()  # folders of ../shared it needs (else skipped, or failed in CI)
+
+
+CASES: dict[str, Case] = {
+    "benchmark_adaptation": Case(
+        # The reference episodes when ../shared has them (the script falls back to random ones).
+        lambda out: ["--threads", "1", "--reference-dir", str(SHARED_DIR / "reference"), "--json", str(out)],
+        check_adaptation,
+    ),
+    "benchmark_evaluation": Case(
+        lambda out: ["--dataset", str(SHARED_DIR / "datasets" / "mnist"), "--json", str(out)],
+        check_evaluation,
+        shared=("datasets",),
+    ),
+    "benchmark_meta_dataset": Case(lambda out: ["--json", str(out)], check_meta_dataset),
+    # Reads ../shared/reference/meta_dataset/records next to the repository (it has no flag for it).
+    "benchmark_official_episodes": Case(lambda out: ["--json", str(out)], check_official_episodes),
+    "benchmark_space": Case(lambda out: ["--json", str(out)], check_space),
+    "benchmark_tsa": Case(lambda out: ["--threads", "1", "--json", str(out)], check_tsa),
+    "tsa_fidelity_study": Case(
+        lambda out: ["--reference-dir", str(SHARED_DIR / "reference"), "--json", str(out)],
+        check_tsa_fidelity,
+        shared=("reference",),
+    ),
+}
+
+
+def test_every_script_is_tested():
+    """A new script in scripts/ must get a case here (and a --quick flag)."""
+    assert sorted(path.stem for path in SCRIPTS_DIR.glob("*.py")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_script_runs_quick(name: str, tmp_path: Path):
+    case = CASES[name]
+    for folder in case.shared:
+        shared_path(folder)
+    if name == "benchmark_official_episodes":
+        records = REPO_ROOT.parent / "shared" / "reference" / "meta_dataset" / "records"
+        if not records.is_dir():
+            unavailable(f"{records} not found (the script reads it there)")
+    out = tmp_path / "out.json"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, f"scripts/{name}.py", "--quick", *case.args(out)]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, (
+        f"{' '.join(command)} exited {done.returncode}\n"
+        f"--- stdout (end) ---\n{done.stdout[-3000:]}\n--- stderr (end) ---\n{done.stderr[-6000:]}"
+    )
+    assert out.is_file(), f"{name} wrote no {out}\n{done.stdout[-3000:]}"
+    figures = json.loads(out.read_text())
+    assert figures and numbers(figures), figures
+    assert all(math.isfinite(x) for x in numbers(figures)), figures
+    case.check(figures)
