@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the baseline is in tests/support: run from anywhere, no PYTHONPATH
@@ -257,16 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random episodes")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report "
-        "(episodes 0 1, --repeats 1, a one-size matmul peak; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        "episodes 0 1, --repeats 1, a one-size matmul peak",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
     bad = [i for i in args.episodes if not 0 <= i < len(EPISODE_SHAPES)]
     if bad:
         parser.error(f"--episodes must be in 0..{len(EPISODE_SHAPES) - 1}, got {bad}")

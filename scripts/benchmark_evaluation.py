@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # --quick: 10 episodes on the dataset's first 500 images.
@@ -47,16 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-one-by-one", action="store_true")
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report "
-        f"(--episodes 10 on the first {QUICK_IMAGES} images; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        f"--episodes 10 on the first {QUICK_IMAGES} images",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
 
     import datasets
 

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the sources come from tests/support: run from anywhere, no PYTHONPATH
 # --quick: a 1,000-record source, 256 images decoded once, with one DataLoader worker.
@@ -248,17 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the figures here")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report "
-        "(--records 1000 --decode-images 256 --workers 1 --repeats 1; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        "--records 1000 --decode-images 256 --workers 1 --repeats 1",
     )
     parser.add_argument("--_convert-child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
     if args._convert_child:
         _convert_child(*args._convert_child)
         return 0

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the sources come from tests/support: run from anywhere, no PYTHONPATH
 REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "meta_dataset" / "records"
@@ -142,18 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--json", default=None)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report "
-        f"(--episodes 5 --protocols meta-dataset, a generated source of "
-        f"{GENERATED_CLASSES} x {QUICK_GENERATED_IMAGES} records; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        f"--episodes 5 --protocols meta-dataset, a generated source of "
+        f"{GENERATED_CLASSES} x {QUICK_GENERATED_IMAGES} records",
     )
     parser.add_argument("--_sampler-child", nargs=3, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
     if args._sampler_child:
         source, protocol, episodes = args._sampler_child
         _sampler_child(source, protocol, int(episodes))

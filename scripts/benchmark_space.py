@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 # --quick: the first bundled task only, 1 thread, one timed run, the default method and copa+tsa (the
 # cheaper of the backbone-adapting ones, whose run also embeds through the adapted backbone).
@@ -61,16 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="time this task (support/ and query/ class folders)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report (the first "
-        "bundled task, --threads 1 --repeats 1 --methods copa copa+tsa; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        "the first bundled task, --threads 1 --repeats 1 --methods copa copa+tsa",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
 
     model = load_model(args.model)
     named_tasks = tasks(args.folder, first_only=args.quick)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 METHODS = ("copa", "tsa", "copa+tsa")
@@ -113,16 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report (--models default "
-        "--episodes '5-way 1-shot' --repeats 1, all methods; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        "--models default --episodes '5-way 1-shot' --repeats 1, all methods",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
 
     context = multiprocessing.get_context("spawn")  # a fresh process per cell: its own peak memory
     rows = []

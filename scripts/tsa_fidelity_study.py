@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # the transcription is in tests/support: run from anywhere, no PYTHONPATH
@@ -82,16 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-dir", type=Path, default=REFERENCE_DIR)
     parser.add_argument("--episodes", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny run that checks the script works (seconds), not figures to report (tsa seen and "
-        "copa+tsa default on --episodes 0, 1 step, all at 1 thread; flags given explicitly still apply)",
+    add_quick_flag(
+        parser,
+        "tsa seen and copa+tsa default on --episodes 0, 1 step, all at 1 thread",
     )
-    args = parser.parse_args(argv)
-    if args.quick:  # quick defaults, then parse again so that explicit flags win
-        parser.set_defaults(**QUICK_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_quick(parser, argv, QUICK_DEFAULTS)
 
     model32 = load_backbone(args.reference_dir)
     model64 = load_backbone(args.reference_dir).double()

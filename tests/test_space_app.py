@@ -392,9 +392,9 @@ def test_the_after_view_is_what_the_classifier_compares(method):
 @pytest.mark.parametrize("method", hf_copa.available_methods())
 def test_a_request_embeds_each_image_at_most_twice(method):
     """run_task goes through adapt_to_task once: feature learners embed each image once (the views reuse the
-        features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view).
-        Learners that fine-tune the layers themselves (`*-all`) also run the support set through the backbone at
-        each of their steps and once after the last (fo-Proto-MAML also once before the first, for its
+    features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view).
+    Learners that fine-tune the layers themselves (`*-all`) also run the support set through the backbone
+    at each of their steps and once after the last (fo-Proto-MAML also once before the first, for its
     prototype initialisation), which is their training, not re-embedding."""
     from hf_copa.interactive import Task, run_task
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..frozen import frozen_backbone
-from ..heads import AdaptedHead
+from ..heads import AdaptedHead, LinearHead
 from ..validation import (
     CopaTypeError,
     CopaValueError,
@@ -255,6 +255,22 @@ def _adaptation_memory_format(backbone: nn.Module) -> torch.memory_format:
     return torch.contiguous_format if cpu and narrow else torch.channels_last
 
 
+def trainable_copies(backbone: torch.nn.Module, exclude: tuple[type, ...] = ()) -> dict[str, torch.Tensor]:
+    """Detached trainable copies of the backbone's parameters by name (those of `exclude` modules left out):
+    what a learner that fine-tunes the backbone optimises and passes as `weights=`."""
+    skipped = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in backbone.named_modules()
+        if isinstance(module, exclude)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    return {
+        name: parameter.detach().clone().requires_grad_(True)
+        for name, parameter in backbone.named_parameters()
+        if name not in skipped
+    }
+
+
 def split_heads(
     learner: Learner,
     prototypes: torch.Tensor,
@@ -281,4 +297,32 @@ def split_heads(
     return heads
 
 
-__all__ = ["BackboneLearner", "HYPERPARAMETER_RULES", "Learner", "split_heads"]
+def split_linear_heads(
+    learner: Learner,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    losses: torch.Tensor,
+    **rule: Any,
+) -> list[LinearHead]:
+    """As `split_heads`, for linear classifiers: weight [B, C, d], bias [B, C] (None: none); `rule` holds
+    `LinearHead`'s other arguments (cosine, scale, backbone_weights)."""
+    heads = []
+    for b in range(prototypes.shape[0]):
+        num_classes = int(labels[b].max()) + 1
+        heads.append(
+            LinearHead(
+                prototypes[b, :num_classes],
+                weight[b, :num_classes],
+                None if bias is None else bias[b, :num_classes],
+                method=learner.name,
+                hyperparameters=learner.hyperparameters,
+                train_losses=losses[:, b].tolist(),
+                **rule,
+            )
+        )
+    return heads
+
+
+__all__ = ["BackboneLearner", "HYPERPARAMETER_RULES", "Learner", "split_heads", "split_linear_heads"]

@@ -47,7 +47,7 @@ import torch
 
 from ..heads import LinearHead
 from ..losses import class_means, one_hot_labels, summed_cross_entropy, tf_l2_normalize
-from .base import BackboneLearner, Learner
+from .base import BackboneLearner, Learner, split_linear_heads, trainable_copies
 from .optimization import run_steps, within_episode_optimizer
 from .registry import register_learner
 
@@ -132,23 +132,18 @@ class FinetuneClassifier:
     ) -> list[LinearHead]:
         with torch.no_grad():
             weight = self.weight()
-        heads = []
-        for b in range(prototypes.shape[0]):
-            num_classes = int(labels[b].max()) + 1
-            heads.append(
-                LinearHead(
-                    prototypes[b, :num_classes],
-                    weight[b, :num_classes],
-                    None if self.bias is None else self.bias[b, :num_classes],
-                    cosine=self.cosine,
-                    scale=learner.hyperparameters["scale"],
-                    method=learner.name,
-                    hyperparameters=learner.hyperparameters,
-                    train_losses=losses[:, b].tolist(),
-                    **common,
-                )
-            )
-        return heads
+        bias = None if self.bias is None else self.bias.detach()
+        return split_linear_heads(
+            learner,
+            prototypes,
+            weight,
+            bias,
+            labels,
+            losses,
+            cosine=self.cosine,
+            scale=learner.hyperparameters["scale"],
+            **common,
+        )
 
 
 @register_learner("finetune")
@@ -199,19 +194,3 @@ class FinetuneAllLayersLearner(BackboneLearner):
             self, class_means(features, one_hot), labels.unsqueeze(0), losses, backbone_weights=weights
         )[0]
         return head, features[0]
-
-
-def trainable_copies(backbone: torch.nn.Module, exclude: tuple[type, ...] = ()) -> dict[str, torch.Tensor]:
-    """Detached trainable copies of the backbone's parameters by name (those of `exclude` modules left out):
-    what a learner that fine-tunes the backbone optimises and passes as `weights=`."""
-    skipped = {
-        f"{module_name}.{name}" if module_name else name
-        for module_name, module in backbone.named_modules()
-        if isinstance(module, exclude)
-        for name, _ in module.named_parameters(recurse=False)
-    }
-    return {
-        name: parameter.detach().clone().requires_grad_(True)
-        for name, parameter in backbone.named_parameters()
-        if name not in skipped
-    }

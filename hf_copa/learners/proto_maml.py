@@ -28,8 +28,7 @@ from torch import nn
 
 from ..heads import LinearHead
 from ..losses import class_means, ncc_loss, one_hot_labels
-from .base import BackboneLearner, Learner
-from .finetune import trainable_copies
+from .base import BackboneLearner, Learner, split_linear_heads, trainable_copies
 from .optimization import run_steps
 from .registry import register_learner
 
@@ -45,32 +44,6 @@ def prototype_layer(prototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     weight = (2 * prototypes).detach().clone().requires_grad_(True)
     bias = (-prototypes.square().sum(-1)).detach().clone().requires_grad_(True)
     return weight, bias
-
-
-def proto_maml_heads(
-    learner: Learner,
-    prototypes: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    labels: torch.Tensor,
-    losses: torch.Tensor,
-    **common,
-) -> list[LinearHead]:
-    heads = []
-    for b in range(prototypes.shape[0]):
-        num_classes = int(labels[b].max()) + 1
-        heads.append(
-            LinearHead(
-                prototypes[b, :num_classes],
-                weight[b, :num_classes],
-                bias[b, :num_classes],
-                method=learner.name,
-                hyperparameters=learner.hyperparameters,
-                train_losses=losses[:, b].tolist(),
-                **common,
-            )
-        )
-    return heads
 
 
 @register_learner("proto-maml")
@@ -90,7 +63,7 @@ class ProtoMAMLLearner(Learner):
             return ncc_loss(features @ weight.mT + bias.unsqueeze(1), one_hot)
 
         losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=len(features))
-        return proto_maml_heads(self, prototypes, weight.detach(), bias.detach(), labels, losses)
+        return split_linear_heads(self, prototypes, weight.detach(), bias.detach(), labels, losses)
 
 
 @register_learner("proto-maml-all")
@@ -117,7 +90,7 @@ class ProtoMAMLAllLayersLearner(BackboneLearner):
         losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=1)
         with torch.no_grad():
             features = features_of()
-        head = proto_maml_heads(
+        head = split_linear_heads(
             self,
             class_means(features, one_hot),
             weight.detach(),
