@@ -1,9 +1,11 @@
-"""Cost of the backbone-adapting learners: time per episode and peak memory of tsa and copa+tsa vs copa.
+"""Cost of the backbone-adapting learners: time per episode and peak memory of tsa, copa+tsa and the
+all-layers finetune-all and proto-maml-all, vs copa.
 
 Every method starts from images and ends with query logits, so the rows compare what a user waits for:
 copa embeds the support and query images once and fits its heads on the features; tsa and copa+tsa run
-the backbone (forward and backward) on the support images at every one of their 40 steps, then embed the
-queries through the adapted backbone. Each (model, episode, method) cell runs in a fresh process:
+the backbone (forward and backward) on the support images at every one of their 40 steps (finetune-all:
+200, proto-maml-all: 6, with the model's own adaptation settings), then embed the queries through the
+adapted backbone. Each (model, episode, method) cell runs in a fresh process:
 its peak memory is the process's peak resident set (CPU) or peak CUDA allocation (GPU) above what it held
 once the model and the images were loaded.
 
@@ -26,7 +28,7 @@ import torch
 from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-METHODS = ("copa", "tsa", "copa+tsa")
+METHODS = ("copa", "tsa", "copa+tsa", "finetune-all", "proto-maml-all")
 EPISODES = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "10-way 5-shot": (10, 5)}
 QUERIES_PER_CLASS = 15
 # --quick: the bundled backbone (no reference checkpoint needed), 5-way 1-shot, one timed run.
@@ -65,7 +67,8 @@ def cell(model_name, method, way, shot, repeats, device, threads, reference_dir,
         if method == "copa":
             head = hf_copa.adapt(model.extract_features(support), labels, method="copa")
             return head.logits(model.extract_features(query))
-        head = get_learner(method).fit_images(model, support, labels)
+        overrides = model.config.adaptation.get(method)  # the model's own settings, as adapt uses them
+        head = get_learner(method, config_overrides=overrides).fit_images(model, support, labels)
         return head.logits(model.extract_features(query, **head.backbone_state()))
 
     cuda = device.startswith("cuda")

@@ -357,3 +357,20 @@ def test_a_diverging_inner_loop_is_a_clear_error_not_a_nan_classifier(tiny64):
         get_learner("proto-maml-all", lr=100.0).fit_images(tiny64, tiny_images(6, seed=5), labels)
     with pytest.raises(ValueError, match="finetune diverged"):
         get_learner("finetune", preset="mini-imagenet", lr=1e37, steps=3).fit(torch.rand(6, 16) * 10, labels)
+
+
+@pytest.mark.parametrize("protocol", ["meta-dataset", "5-way-1-shot"])
+def test_the_papers_settings_name_presets_each_method_has(protocol):
+    from hf_copa.meta_dataset import benchmark
+
+    for source in benchmark.SOURCES:
+        settings = benchmark.paper_settings(source, protocol)
+        for method, overrides in settings.items():
+            assert get_learner(method, **overrides).hyperparameters  # the named preset exists
+        new_methods = {"finetune", "finetune-all", "proto-maml", "proto-maml-all", "copa-transformer"}
+        assert new_methods <= set(settings)
+        assert get_learner("proto-maml", **settings["proto-maml"]).hyperparameters["steps"] == 6
+        assert get_learner("finetune-all", **settings["finetune-all"]).hyperparameters["lr"] == 0.01
+        transformer = get_learner("copa-transformer", **settings["copa-transformer"]).hyperparameters
+        high = source in ("mnist", "traffic_sign")  # models/adaptation.py l. 76-82, every protocol
+        assert (transformer["lr"], transformer["weight_decay"]) == ((1e-3, 0.0) if high else (1e-4, 0.1))

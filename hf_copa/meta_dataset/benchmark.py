@@ -14,7 +14,13 @@ scripts pick some learning rates by dataset name; here those choices are one nam
 - `copa+tsa` (CoPA's `models/adaptation.py` l. 264-274): `high-lr` on MNIST and Traffic Sign, `high-lr-wd`
   on CIFAR-10 and CIFAR-100, the defaults elsewhere; with the 5-way 1-shot protocol (`test.type == '1shot'`)
   the learning rate is divided by 10 (the `*1-shot` presets);
-- `ncc` has no hyperparameter to set.
+- `copa-transformer` (CoPA's `models/adaptation.py` l. 65-82, `encoder.type == 'transformer'`): `high-lr`
+  (lr 1e-3, no weight decay) on MNIST and Traffic Sign, the defaults elsewhere, under every protocol;
+- `finetune`, `finetune-all`: `default`, Meta-Dataset's `learn/gin/best/baselinefinetune_all.gin` (the
+  all-sources setting, equal in these fields to `baselinefinetune_imagenet.gin`), on every source;
+- `proto-maml`, `proto-maml-all`: `all`, `learn/gin/best/maml_init_with_proto_all.gin`, on every source
+  (`imagenet` is the ImageNet-only setting);
+- `ncc` and `mahalanobis` have no hyperparameter to set (Simple CNAPS' classifier has none per dataset).
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ def paper_settings(source: str, protocol: str = "meta-dataset") -> dict[str, dic
         "tsa": {"preset": seen},
         "copa": {"preset": "high-lr" if source in _HIGH_LR else "default"},
         "copa+tsa": {"preset": copa_tsa},
+        "copa-transformer": {"preset": "high-lr" if source in _HIGH_LR else "default"},
+        "finetune": {"preset": "default"},
+        "finetune-all": {"preset": "default"},
+        "proto-maml": {"preset": "all"},
+        "proto-maml-all": {"preset": "all"},
     }
 
 
