@@ -257,3 +257,19 @@ def test_evaluate_command_reports_bad_input_cleanly(tiny_model_and_dataset, caps
     model_dir, dataset_dir = tiny_model_and_dataset
     assert main(["evaluate", "--model", str(model_dir), "--dataset", str(dataset_dir), "--seen", "nope"]) == 2
     assert "not among the datasets" in capsys.readouterr().err
+
+
+def test_average_rank_ranks_per_domain_and_ties_share_the_mean_rank():
+    from hf_copa.evaluation import average_ranks
+
+    def row(**means):
+        return {m.replace("_", "+"): {"mean": v, "ci95": 0.0, "episodes": 1} for m, v in means.items()}
+
+    results = {
+        "a": row(ncc=50.0, copa=70.0, url=60.0),  # ranks 3, 1, 2
+        "b": row(ncc=80.0, copa=80.001, url=40.0),  # ncc and copa shown equal (80.00): 1.5 each, url 3
+    }
+    ranks = average_ranks(results, ["ncc", "copa", "url"])
+    assert ranks == {"ncc": (3 + 1.5) / 2, "copa": (1 + 1.5) / 2, "url": (2 + 3) / 2}
+    assert sum(ranks.values()) == pytest.approx(2 * (1 + 2 + 3) / 2)  # each domain's ranks sum to 1+2+3
+    assert all(math.isnan(v) for v in average_ranks({}, ["ncc", "copa"]).values())
