@@ -58,84 +58,93 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("query", nargs="+", help="query image files or folders (read at any depth)")
     add_adaptation_options(classify)
 
+    def add_episode_options(sub: argparse.ArgumentParser) -> None:
+        """What names the episodes and how they are embedded: shared by evaluate and analyze."""
+        add_compute_options(sub)
+        sub.add_argument(
+            "--model", default=None, help="model folder or Hub id (default: the bundled backbone)"
+        )
+        sub.add_argument(
+            "--dataset",
+            action="append",
+            default=[],
+            metavar="PATH_OR_ID[:SPLIT]",
+            help="a dataset folder or Hub id, split 'test' unless given; repeat for more domains",
+        )
+        sub.add_argument(
+            "--benchmark",
+            choices=("meta-dataset",),
+            default=None,
+            help="the papers' benchmark: the 13 Meta-Dataset sources found under --data-root, 600 official "
+            "test episodes each, seen/unseen marked, Meta-Dataset's decoder, the papers' settings",
+        )
+        sub.add_argument(
+            "--data-root",
+            default=None,
+            metavar="CONVERTED",
+            help="with --benchmark: meta-dataset convert's OUTPUT",
+        )
+        sub.add_argument("--protocol", default="meta-dataset", choices=PROTOCOLS)
+        sub.add_argument(
+            "--sampling",
+            choices=("independent", "official"),
+            default=None,
+            help="independent: episode i from (seed, i), any labelled dataset (default); official: "
+            "Meta-Dataset's own test episodes on a converted source (the default with --benchmark)",
+        )
+        sub.add_argument(
+            "--shuffle-buffer-size",
+            type=int,
+            default=0,
+            metavar="N",
+            help="official sampling: Meta-Dataset's per-class shuffle buffer (0: the exact episodes; the "
+            "official default is 1000)",
+        )
+        sub.add_argument(
+            "--paper-settings",
+            action="store_true",
+            help="the papers' per-domain presets on Meta-Dataset sources (implied by --benchmark)",
+        )
+        sub.add_argument("--image-column", default="image", help="the column holding the images")
+        sub.add_argument("--label-column", default="label", help="the column holding the class labels")
+        sub.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            metavar="N",
+            help="DataLoader workers decoding images (default 0)",
+        )
+        sub.add_argument(
+            "--precision",
+            choices=("auto", "float32"),
+            default=None,
+            help="feature extraction on CUDA: auto = bf16 autocast (the default), float32 = as the official "
+            "scripts (the default with --benchmark); CPUs always run float32",
+        )
+        sub.add_argument("--episodes", type=int, default=600)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seen", nargs="*", default=[], metavar="DOMAIN", help="domains the backbone saw")
+        sub.add_argument("--unseen", nargs="*", default=[], metavar="DOMAIN", help="domains it did not see")
+        sub.add_argument(
+            "--override",
+            action="append",
+            default=[],
+            metavar="[DOMAIN:]METHOD:KEY=VALUE",
+            help="hyperparameter or preset, e.g. mnist:copa:preset=high-lr or url:lr=0.5",
+        )
+        sub.add_argument(
+            "--cache-dir",
+            default=None,
+            help="feature cache folder (default: $HF_COPA_CACHE or "
+            "~/.cache/hf_copa/features; 'none' disables it)",
+        )
+        sub.add_argument("--no-progress", action="store_true")
+
     evaluate = commands.add_parser(
         "evaluate", help="mean accuracy ± 95%% CI over few-shot episodes per domain"
     )
-    evaluate.add_argument(
-        "--model", default=None, help="model folder or Hub id (default: the bundled backbone)"
-    )
-    add_compute_options(evaluate)
-    evaluate.add_argument(
-        "--dataset",
-        action="append",
-        default=[],
-        metavar="PATH_OR_ID[:SPLIT]",
-        help="a dataset folder or Hub id, split 'test' unless given; repeat for more domains",
-    )
-    evaluate.add_argument(
-        "--benchmark",
-        choices=("meta-dataset",),
-        default=None,
-        help="the papers' benchmark: the 13 Meta-Dataset sources found under --data-root, 600 official "
-        "test episodes each, seen/unseen marked, Meta-Dataset's decoder, the papers' settings",
-    )
-    evaluate.add_argument(
-        "--data-root",
-        default=None,
-        metavar="CONVERTED",
-        help="with --benchmark: meta-dataset convert's OUTPUT",
-    )
+    add_episode_options(evaluate)
     evaluate.add_argument("--method", nargs="+", default=["ncc", "url", "copa"], choices=available_methods())
-    evaluate.add_argument("--protocol", default="meta-dataset", choices=PROTOCOLS)
-    evaluate.add_argument(
-        "--sampling",
-        choices=("independent", "official"),
-        default=None,
-        help="independent: episode i from (seed, i), any labelled dataset (default); official: "
-        "Meta-Dataset's own test episodes on a converted source (the default with --benchmark)",
-    )
-    evaluate.add_argument(
-        "--shuffle-buffer-size",
-        type=int,
-        default=0,
-        metavar="N",
-        help="official sampling: Meta-Dataset's per-class shuffle buffer (0: the exact episodes; the "
-        "official default is 1000)",
-    )
-    evaluate.add_argument(
-        "--paper-settings",
-        action="store_true",
-        help="the papers' per-domain presets on Meta-Dataset sources (implied by --benchmark)",
-    )
-    evaluate.add_argument("--image-column", default="image", help="the column holding the images")
-    evaluate.add_argument("--label-column", default="label", help="the column holding the class labels")
-    evaluate.add_argument(
-        "--workers", type=int, default=0, metavar="N", help="DataLoader workers decoding images (default 0)"
-    )
-    evaluate.add_argument(
-        "--precision",
-        choices=("auto", "float32"),
-        default=None,
-        help="feature extraction on CUDA: auto = bf16 autocast (the default), float32 = as the official "
-        "scripts (the default with --benchmark); CPUs always run float32",
-    )
-    evaluate.add_argument("--episodes", type=int, default=600)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--seen", nargs="*", default=[], metavar="DOMAIN", help="domains the backbone saw")
-    evaluate.add_argument("--unseen", nargs="*", default=[], metavar="DOMAIN", help="domains it did not see")
-    evaluate.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="[DOMAIN:]METHOD:KEY=VALUE",
-        help="hyperparameter or preset, e.g. mnist:copa:preset=high-lr or url:lr=0.5",
-    )
-    evaluate.add_argument(
-        "--cache-dir",
-        default=None,
-        help="feature cache folder (default: $HF_COPA_CACHE or "
-        "~/.cache/hf_copa/features; 'none' disables it)",
-    )
     evaluate.add_argument(
         "--random-init",
         action="store_true",
@@ -145,7 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--per-episode", action="store_true", help="include per-episode accuracies in the JSON"
     )
-    evaluate.add_argument("--no-progress", action="store_true")
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="the paper's analyses over episodes: gap before/after, its bound's coefficient, clusters, the "
+        "gap-enlarging experiment, time per episode (analysis.json and PNG figures)",
+    )
+    add_episode_options(analyze)
+    analyze.add_argument(
+        "--method",
+        nargs="+",
+        default=["url", "copa"],
+        choices=available_methods(),
+        help="methods to analyse (url, copa, tsa, copa+tsa have maps; others are only timed and scored)",
+    )
+    analyze.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for analysis.json and figures"
+    )
+    analyze.add_argument(
+        "--cluster-episode", type=int, default=0, metavar="I", help="the episode whose clusters are drawn"
+    )
+    analyze.add_argument(
+        "--cluster-map",
+        choices=("auto", "umap", "pca"),
+        default="auto",
+        help="2-D map of the clusters: UMAP as the official figures (needs hf-copa[umap]), PCA, or auto "
+        "(UMAP when installed)",
+    )
+    analyze.add_argument(
+        "--no-trace", action="store_true", help="skip the gap along the steps (a second fit for url and copa)"
+    )
 
     train = commands.add_parser(
         "train",
@@ -337,6 +375,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _meta_dataset(args, argv)
     commands = {
         "evaluate": _evaluate,
+        "analyze": _analyze,
         "convert": _convert,
         "model-card": _model_card,
     }
@@ -409,8 +448,104 @@ def _evaluate(args) -> int:
     from accelerate import PartialState
 
     from .distributed import use_cpu
-    from .evaluation import evaluate, parse_override
+    from .evaluation import evaluate
+
+    domains, sampling, processor, global_overrides = _prepared_domains(args)
+    output = _checked_output_file(args.output)  # before any work: a bad path must not cost the run
+    state = PartialState(cpu=use_cpu())
+    model = _load_model(args.model, show_notes=state.is_main_process)
+    model_name = None
+    if args.random_init:
+        from .pretrained import RANDOM_INIT_SEED, random_backbone
+
+        model = random_backbone(model)
+        model_name = f"random-init({args.model or DEFAULT_MODEL}, seed={RANDOM_INIT_SEED})"
+    result = evaluate(
+        model,
+        domains,
+        methods=args.method,
+        overrides=global_overrides,
+        model_name=model_name,
+        sampling=sampling,
+        image_processor=_episode_processor(model, processor),
+        **_episode_arguments(args),
+    )
+    if state.is_main_process:
+        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
+        print(result.table())
+        if output is not None:
+            result.save(output, per_episode=args.per_episode)
+            print(f"wrote {output}")
+    return 0
+
+
+def _analyze(args) -> int:
+    from accelerate import PartialState
+
+    from .analysis.clusters import require
+    from .distributed import use_cpu
+
+    require("sklearn")  # before any work: the extra is missing, say so now
+    require("matplotlib")
+    from .analysis import analyze
+    from .analysis.figures import write_figures
+
+    domains, sampling, processor, global_overrides = _prepared_domains(args)
+    folder = _checked_output_folder(args.output)
+    state = PartialState(cpu=use_cpu())
+    model = _load_model(args.model, show_notes=state.is_main_process)
+    result = analyze(
+        model,
+        domains,
+        methods=args.method,
+        overrides=global_overrides,
+        sampling=sampling,
+        image_processor=_episode_processor(model, processor),
+        cluster_episode=args.cluster_episode,
+        cluster_map=args.cluster_map,
+        trace=not args.no_trace,
+        **_episode_arguments(args),
+    )
+    if state.is_main_process:
+        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
+        print(result.table())
+        result.save(folder / "analysis.json")
+        figures = write_figures(result.to_json(), folder)
+        names = ", ".join(f.name for f in figures)
+        print(f"wrote {folder / 'analysis.json'} and {len(figures)} figures: {names}")
+    return 0
+
+
+def _episode_arguments(args) -> dict:
+    """The keyword arguments evaluate and analyze take alike from the shared episode options."""
     from .features import default_cache_dir
+
+    cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or default_cache_dir())
+    return {
+        "protocol": args.protocol,
+        "num_episodes": args.episodes,
+        "seed": args.seed,
+        "cache_dir": cache_dir,
+        "progress": not args.no_progress,
+        "shuffle_buffer_size": args.shuffle_buffer_size,
+        "num_workers": args.workers,
+        "mixed_precision": (args.precision or ("float32" if args.benchmark else "auto")) == "auto",
+    }
+
+
+def _episode_processor(model, processor: str | None):
+    """The model's own image processor, or Meta-Dataset's decoder setting of it (None: the model's)."""
+    if processor != "meta-dataset":
+        return None
+    from .image_processing_copa import CopaImageProcessor
+
+    return CopaImageProcessor.from_copa_config(model.config, decoder="meta-dataset")
+
+
+def _prepared_domains(args) -> tuple[list, str, str | None, dict[str, dict]]:
+    """The domains with their roles and overrides, the sampling, the processor setting and the global
+    overrides, from evaluate's and analyze's shared options; every mistake is reported before any work."""
+    from .evaluation import parse_override
 
     domains, sampling, processor = _evaluation_domains(args)
     names = [d.name for d in domains]
@@ -438,44 +573,7 @@ def _evaluate(args) -> int:
         if domain_name not in names:
             raise CopaValueError(f"Override {text!r} names domain {domain_name!r}, not among {names}.")
         domains[names.index(domain_name)].overrides.setdefault(method, {})[key] = value
-    output = _checked_output_file(args.output)  # before any work: a bad path must not cost the run
-    cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or default_cache_dir())
-    state = PartialState(cpu=use_cpu())
-    model = _load_model(args.model, show_notes=state.is_main_process)
-    model_name = None
-    if args.random_init:
-        from .pretrained import RANDOM_INIT_SEED, random_backbone
-
-        model = random_backbone(model)
-        model_name = f"random-init({args.model or DEFAULT_MODEL}, seed={RANDOM_INIT_SEED})"
-    if processor == "meta-dataset":
-        from .image_processing_copa import CopaImageProcessor
-
-        processor = CopaImageProcessor.from_copa_config(model.config, decoder="meta-dataset")
-    result = evaluate(
-        model,
-        domains,
-        methods=args.method,
-        protocol=args.protocol,
-        num_episodes=args.episodes,
-        seed=args.seed,
-        overrides=global_overrides,
-        cache_dir=cache_dir,
-        progress=not args.no_progress,
-        model_name=model_name,
-        sampling=sampling,
-        shuffle_buffer_size=args.shuffle_buffer_size,
-        image_processor=processor,
-        num_workers=args.workers,
-        mixed_precision=(args.precision or ("float32" if args.benchmark else "auto")) == "auto",
-    )
-    if state.is_main_process:
-        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
-        print(result.table())
-        if output is not None:
-            result.save(output, per_episode=args.per_episode)
-            print(f"wrote {output}")
-    return 0
+    return domains, sampling, processor, global_overrides
 
 
 def _evaluation_domains(args) -> tuple[list, str, str | None]:
@@ -547,6 +645,23 @@ def _checked_output_file(output: str | None) -> Path | None:
         raise OSError(
             f"--output {output!r} cannot be written ({err}); give a path in a writable folder."
         ) from None
+    return path
+
+
+def _checked_output_folder(output: str) -> Path:
+    """The analysis folder, created now: a path that cannot be written fails before any work."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise CopaValueError(
+            f"--output {output!r} is a file; give a folder for analysis.json and the figures."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"--output {output!r} cannot be written ({err}); give a writable folder.") from None
     return path
 
 

@@ -292,6 +292,68 @@ def rows_used(episodes: Sequence[Episode]) -> np.ndarray:
     return np.unique(np.concatenate([np.concatenate([e.support_indices, e.query_indices]) for e in episodes]))
 
 
+@dataclass
+class EpisodeSource:
+    """What `evaluate` and `hf_copa.analysis.analyze` share: per domain, its split, its episodes (drawn from
+    the labels alone) and the features of the rows they touch, each row embedded once (the main process first,
+    so that the others read its cache)."""
+
+    model: Any
+    protocol: str = "meta-dataset"
+    num_episodes: int = 600
+    seed: int = 0
+    sampling: str = "independent"
+    shuffle_buffer_size: int = 0
+    load_dataset: Callable[[Domain], Any] | None = None
+    image_processor: Any = None
+    cache_dir: str | Path | None = None
+    progress: bool = True
+    num_workers: int = 0
+    mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        self.load_dataset = self.load_dataset or (lambda domain: load_split(domain.path, domain.split))
+        self.processor = self.image_processor or self.model.default_image_processor()
+        self.encoded = getattr(self.processor, "decoder", None) == "meta-dataset"
+
+    def domain(
+        self, domain: Domain, kinds: set[str], state: Any
+    ) -> tuple[Any, list[Episode], dict[str, Any]]:
+        """(split, episodes, feature kind -> `RowFeatures`) of `domain`; `kinds`: "pooled" and/or "maps"."""
+        from .features import extract_row_features
+
+        dataset = self.load_dataset(domain)
+        episodes = domain_episodes(
+            domain,
+            dataset,
+            self.protocol,
+            self.num_episodes,
+            self.seed,
+            self.sampling,
+            self.shuffle_buffer_size,
+        )
+        features = {}
+        for kind in sorted(kinds):
+            with state.main_process_first():
+                features[kind] = extract_row_features(
+                    self.model,
+                    dataset,
+                    rows_used(episodes),
+                    image_processor=self.processor,
+                    image_column=domain.image_column,
+                    cache_dir=self.cache_dir,
+                    progress=self.progress and state.is_main_process,
+                    device=state.device,
+                    num_workers=self.num_workers,
+                    mixed_precision=self.mixed_precision,
+                    spatial=kind == "maps",
+                )
+        return dataset, episodes, features
+
+    def images(self, dataset: Any, domain: Domain) -> EpisodeImages:
+        return EpisodeImages(dataset, self.processor, domain.image_column, encoded=self.encoded)
+
+
 def evaluate(
     model: Any,
     domains: Sequence[Domain],
@@ -323,8 +385,6 @@ def evaluate(
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .features import extract_row_features
-
     state = PartialState(cpu=use_cpu())
     overrides = overrides or {}
     unknown = [m for m in methods if m not in available_methods()]
@@ -332,38 +392,30 @@ def evaluate(
         raise CopaValueError(f"Unknown method(s) {unknown}; choose from {available_methods()}.")
     check_int("num_episodes", num_episodes, 1)
     check_int("shuffle_buffer_size", shuffle_buffer_size, 0)
-    load_dataset = load_dataset or (lambda domain: load_split(domain.path, domain.split))
-    processor = image_processor or model.default_image_processor()
-    encoded = getattr(processor, "decoder", None) == "meta-dataset"
+    source = EpisodeSource(
+        model,
+        protocol,
+        num_episodes,
+        seed,
+        sampling,
+        shuffle_buffer_size,
+        load_dataset,
+        image_processor,
+        cache_dir,
+        progress,
+        num_workers,
+        mixed_precision,
+    )
     on_backbone = {m: learner_class(m).needs_backbone for m in methods}
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
     embedded: dict[str, dict[str, int]] = {}
     for domain in domains:
-        dataset = load_dataset(domain)
-        episodes = domain_episodes(
-            domain, dataset, protocol, num_episodes, seed, sampling, shuffle_buffer_size
-        )
-        features: dict[str, Any] = {}  # feature kind ("pooled", "maps") -> RowFeatures
-        kinds = sorted({learner_class(m).feature_kind for m in methods if not on_backbone[m]})
+        kinds = {learner_class(m).feature_kind for m in methods if not on_backbone[m]}
+        dataset, episodes, features = source.domain(domain, kinds, state)
         if kinds:
-            rows = rows_used(episodes)
-            embedded[domain.name] = {"rows_embedded": len(rows), "rows_in_split": len(dataset)}
-            for kind in kinds:
-                with state.main_process_first():
-                    features[kind] = extract_row_features(
-                        model,
-                        dataset,
-                        rows,
-                        image_processor=processor,
-                        image_column=domain.image_column,
-                        cache_dir=cache_dir,
-                        progress=progress and state.is_main_process,
-                        device=state.device,
-                        num_workers=num_workers,
-                        mixed_precision=mixed_precision,
-                        spatial=kind == "maps",
-                    )
+            rows = len(rows_used(episodes))
+            embedded[domain.name] = {"rows_embedded": rows, "rows_in_split": len(dataset)}
         chunks = episode_chunks(episodes)[state.process_index :: state.num_processes]
         singles = largest_first(episodes)[state.process_index :: state.num_processes]
         accuracies[domain.name] = {}
@@ -376,7 +428,7 @@ def evaluate(
             mine = len(singles) if on_backbone[method] else sum(len(c) for c in chunks)
             with tqdm(total=mine, unit="episode", desc=f"{domain.name} {method}", disable=not show) as bar:
                 if on_backbone[method]:
-                    images = EpisodeImages(dataset, processor, domain.image_column, encoded=encoded)
+                    images = source.images(dataset, domain)
                     with frozen_backbone(model, state.device):
                         for position in singles:
                             score = adapt_images_and_score(model, images, episodes[position], method, hp)
@@ -402,7 +454,7 @@ def evaluate(
         "seed": seed,
         "sampling": sampling,
         **({"shuffle_buffer_size": shuffle_buffer_size} if sampling == "official" else {}),
-        "decoder": getattr(processor, "decoder", None),
+        "decoder": getattr(source.processor, "decoder", None),
         "mixed_precision": mixed_precision and state.device.type == "cuda",
         "processes": state.num_processes,
         "domains": {d.name: {"path": d.path, "split": d.split, **embedded.get(d.name, {})} for d in domains},

@@ -35,6 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from .adaptation import adapt_to_task
+from .analysis import (
+    embedding_map,
+    episode_gap,
+    head_maps,
+    paired_prototypes,
+    prototype_image_gap,
+    silhouette,
+)
+from .analysis.gap import EpisodeGap
 from .folders import load_class_folders, sample_task_dir
 from .heads import AdaptedHead
 from .image_processing_copa import to_rgb_image
@@ -208,53 +217,41 @@ def load_image(path: str | Path, where: str, limits: TaskLimits = TaskLimits()) 
 # --- adaptation and the embedding space ------------------------------------------------------------------
 
 
-def prototype_image_gap(image_embeddings: torch.Tensor, prototype_embeddings: torch.Tensor) -> float:
-    """The gap the CoPA paper studies: ‖mean of image embeddings − mean of prototype embeddings‖, both
-    L2-normalised first (the classifier compares directions only, so that is the space it sees)."""
-    images = F.normalize(image_embeddings.double(), dim=-1, eps=NORM_EPS)
-    prototypes = F.normalize(prototype_embeddings.double(), dim=-1, eps=NORM_EPS)
-    return float(torch.linalg.vector_norm(images.mean(0) - prototypes.mean(0)))
-
-
 @dataclass
 class EmbeddingView:
-    """One embedding space of a task: L2-normalised support images, prototypes and queries, [N, d] each."""
+    """One embedding space of a task: L2-normalised support images, prototypes and queries, [N, d] each, with
+    the prototype–image gap and the support set's silhouette (`hf_copa.analysis`; None where undefined)."""
 
     title: str
     support: np.ndarray
     prototypes: np.ndarray
     queries: np.ndarray
     gap: float
+    silhouette: float | None = None
 
     @classmethod
     def from_embeddings(
-        cls, title: str, support: torch.Tensor, prototypes: torch.Tensor, queries: torch.Tensor
+        cls,
+        title: str,
+        support: torch.Tensor,
+        prototypes: torch.Tensor,
+        queries: torch.Tensor,
+        support_labels: torch.Tensor,
     ) -> EmbeddingView:
         def unit(x: torch.Tensor) -> np.ndarray:
             return F.normalize(x.double(), dim=-1, eps=NORM_EPS).numpy()
 
-        gap = prototype_image_gap(support, prototypes)
-        return cls(title, unit(support), unit(prototypes), unit(queries), gap)
+        # The paper's gap, each support image paired with its class prototype (the official figures').
+        gap = prototype_image_gap(support, paired_prototypes(prototypes, support_labels.cpu()))
+        quality = silhouette(support, support_labels.cpu().numpy())
+        return cls(title, unit(support), unit(prototypes), unit(queries), gap, quality)
 
     def projection_2d(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(support, prototypes, queries) as 2-D points: PCA of all three together, signs fixed."""
+        """(support, prototypes, queries) as 2-D points: one PCA of all three together (scikit-learn's)."""
         points = np.concatenate([self.support, self.prototypes, self.queries])
-        coords = pca_2d(points)
+        coords, _ = embedding_map(points, "pca")
         first, second = len(self.support), len(self.support) + len(self.prototypes)
         return coords[:first], coords[first:second], coords[second:]
-
-
-def pca_2d(points: np.ndarray) -> np.ndarray:
-    """[N, d] -> [N, 2]: the first two principal components (zero-padded below rank 2), deterministic signs
-    (each axis' largest loading positive) so that a rerun draws the same picture."""
-    centred = points - points.mean(0, keepdims=True)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    axes = vt[:2]
-    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(1)])
-    coords = centred @ (axes * np.where(signs == 0, 1, signs)[:, None]).T
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-    return coords
 
 
 def embedding_views(
@@ -281,6 +278,7 @@ def embedding_views(
         pooled_support,
         class_means(pooled_support.unsqueeze(0), one_hot)[0],
         pooled_queries,
+        support_labels,
     )
     inside = " and residual adapters in the backbone" if head.adapters else ""
     if head.backbone_weights:
@@ -291,7 +289,7 @@ def embedding_views(
             raise ValueError(f"A {head.method} head needs the features of its adapted backbone for the view.")
         support, queries = adapted_support.to(head.prototypes), adapted_queries.to(head.prototypes)
     images, prototypes = head.view(support)
-    after = EmbeddingView.from_embeddings(title, images, prototypes, head.view(queries)[0])
+    after = EmbeddingView.from_embeddings(title, images, prototypes, head.view(queries)[0], support_labels)
     return before, after
 
 
@@ -311,6 +309,7 @@ class TaskResult:
     before: EmbeddingView
     after: EmbeddingView
     classifier: CopaForFewShotClassification = field(repr=False)
+    gap: EpisodeGap | None = None  # the bound's coefficient, for heads with linear maps (hf_copa.analysis)
 
     def predictions(self) -> list[dict[str, Any]]:
         """Per query image: its name, the best class, and every class's probability (best first)."""
@@ -334,6 +333,11 @@ class TaskResult:
             "adaptation_seconds": self.adaptation_seconds,
             "gap_before": self.before.gap,
             "gap_after": self.after.gap,
+            "coefficient": None if self.gap is None else self.gap.coefficient,
+            "coefficient_images": None if self.gap is None else self.gap.coefficient_images,
+            "coefficient_prototypes": None if self.gap is None else self.gap.coefficient_prototypes,
+            "silhouette_before": self.before.silhouette,
+            "silhouette_after": self.after.silhouette,
             "predictions": self.predictions(),
         }
 
@@ -365,14 +369,18 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
     )
     head = adapted.head
     probabilities = torch.softmax(adapted.query_logits(), dim=-1).double().numpy()
+    plain_support = None
     if head.adapts_backbone:  # the plain backbone's features, for the view before adaptation
-        support_features = model.extract_features(task.support_images)
+        plain_support = model.extract_features(task.support_images)
         query_features = model.extract_features(task.query_images)
         before, after = embedding_views(
-            head, support_features, query_features, labels, adapted.support_features, adapted.query_features
+            head, plain_support, query_features, labels, adapted.support_features, adapted.query_features
         )
     else:
         before, after = embedding_views(head, adapted.support_features, adapted.query_features, labels)
+    gap = None
+    if head_maps(head) is not None:
+        gap = episode_gap(head, adapted.support_features.cpu(), labels, plain_support)
     classifier = CopaForFewShotClassification.from_adapted(
         model, head, class_names, support_labels=list(task.support_labels)
     )
@@ -389,6 +397,7 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
         before=before,
         after=after,
         classifier=classifier,
+        gap=gap,
     )
 
 
@@ -558,17 +567,38 @@ def thumbnail_data_url(image: PIL.Image.Image, side: int = _THUMBNAIL_SIDE * 2) 
 
 
 def summary_markdown(result: TaskResult) -> str:
-    """The run in two lines: method, classes, time taken, hyperparameters, and the gap before and after."""
+    """The run in a few lines: method, classes, time taken, hyperparameters, then the analysis: the gap
+    before and after, the bound's coefficient and the support set's silhouette (`hf_copa.analysis`)."""
     settings = ", ".join(f"{key}={shown_value(value)}" for key, value in result.hyperparameters.items())
-    return (
+
+    def shown(value: float | None) -> str:
+        return "undefined (one image per class)" if value is None else f"{value:.3f}"
+
+    lines = [
         f"**{result.method}** adapted to **{len(result.labels)} classes** from "
         f"{len(result.support_labels)} support images in **{result.adaptation_seconds:.2f} s** "
         f"(support features + fitting the head; {settings}), "
-        f"then classified {len(result.query_names)} query image(s).\n\n"
+        f"then classified {len(result.query_names)} query image(s).",
         f"Prototype–image gap ‖mean of image embeddings − mean of prototype embeddings‖ (L2-normalised "
         f"support embeddings): **{result.before.gap:.3f}** before → **{result.after.gap:.3f}** after "
-        "adaptation."
+        "adaptation.",
+    ]
+    gap = result.gap
+    if gap is not None and gap.coefficient is not None:
+        lines.append(
+            f"Coefficient of the gap's bound max_j |cos(Δ, Θʲ)|·‖Θ‖_F: **{gap.coefficient:.3f}** "
+            f"(‖ΔΘ‖ = {gap.mapped:.3f} ≤ {gap.bound:.3f})."
+        )
+    elif gap is not None and gap.coefficient_images is not None:
+        lines.append(
+            "Coefficients of the gap's bound max_j |cos(Δ, Θʲ)|·‖Θ‖_F: "
+            f"Θ_I **{gap.coefficient_images:.3f}**, Θ_P **{gap.coefficient_prototypes:.3f}**."
+        )
+    lines.append(
+        f"Cluster quality of the support images (silhouette, −1..1, higher is better): "
+        f"**{shown(result.before.silhouette)}** before → **{shown(result.after.silhouette)}** after."
     )
+    return "\n\n".join(lines)
 
 
 # --- the Hub ---------------------------------------------------------------------------------------------

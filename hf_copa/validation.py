@@ -28,6 +28,10 @@ class CopaTypeError(CopaError, TypeError):
     """An input has the wrong type."""
 
 
+class CopaMissingDependency(CopaError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra."""
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
     """`value` as an int if it is an integer (not a bool) >= `minimum`, else a `CopaValueError`."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:

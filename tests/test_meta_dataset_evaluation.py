@@ -165,3 +165,30 @@ def test_one_and_two_processes_give_the_same_official_results(converted, model_d
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["config"]["processes"] == 2
     assert one["episode_accuracies"] == two["episode_accuracies"] and one["results"] == two["results"]
+
+
+def test_analyze_runs_the_benchmark_on_the_official_episodes_with_the_papers_settings(
+    benchmark_root, model_dir, tmp_path
+):
+    """`hf-copa analyze --benchmark`: the same domains, official episodes, decoder and settings as evaluate,
+    and the same accuracy on every episode."""
+    common = ["--model", str(model_dir), "--benchmark", "meta-dataset", "--data-root", str(benchmark_root)]
+    common += ["--episodes", "2", "--method", "url", "copa", "--override", "copa:steps=3", "--no-progress"]
+    common += ["--cache-dir", "none"]
+    assert (
+        main(["analyze", *common, "--cluster-map", "pca", "--no-trace", "--output", str(tmp_path / "a")]) == 0
+    )
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    config = analysis["config"]
+    assert list(analysis["summary"]) == ["ilsvrc_2012", "omniglot", "dtd", "mnist"]
+    assert (
+        config["sampling"] == "official" and config["decoder"] == "meta-dataset" and config["paper_settings"]
+    )
+    assert config["hyperparameters"]["mnist"]["copa"]["lr"] == 5e-3
+    assert main(["evaluate", *common, "--per-episode", "--output", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())["episode_accuracies"]
+    for domain, per_method in analysis["episodes"].items():
+        for method, records in per_method.items():
+            assert [r["accuracy"] for r in records] == pytest.approx(
+                [100 * a for a in evaluated[domain][method]]
+            )

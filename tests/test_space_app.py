@@ -36,8 +36,6 @@ from hf_copa.interactive import (
     embedding_views,
     example_tasks,
     load_image,
-    pca_2d,
-    prototype_image_gap,
 )
 from hf_copa.pretrained import load_model
 from tests.support.local_hub import LocalHub
@@ -346,26 +344,6 @@ def test_space_card_and_requirements_match_the_package():
 
 
 # --- hf_copa.interactive: the logic, in process ---------------------------------------------------------
-
-
-def test_gap_is_the_distance_between_the_means_of_normalised_embeddings():
-    images = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # normalised: e1, e2 -> mean (0.5, 0.5)
-    prototypes = torch.tensor([[5.0, 5.0]])  # normalised: (1, 1) / sqrt 2
-    expected = math.sqrt(2) * (1 / math.sqrt(2) - 0.5)
-    assert prototype_image_gap(images, prototypes) == pytest.approx(expected, rel=1e-12)
-    assert prototype_image_gap(images, images) == 0.0
-
-
-def test_pca_2d_keeps_distances_of_planar_points_and_its_signs_do_not_depend_on_row_order():
-    generator = np.random.default_rng(0)
-    basis = np.linalg.qr(generator.normal(size=(6, 2)))[0]  # an orthonormal 2-D plane in R^6
-    points = generator.normal(size=(9, 2)) @ basis.T + generator.normal(size=6)
-    coords = pca_2d(points)
-    distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
-    np.testing.assert_allclose(np.linalg.norm(coords[:, None] - coords[None], axis=-1), distances, atol=1e-9)
-    order = generator.permutation(len(points))
-    np.testing.assert_allclose(pca_2d(points[order]), coords[order], atol=1e-9)
-    assert pca_2d(points[:1]).shape == (1, 2)  # below rank 2: zero-padded, no error
 
 
 @pytest.mark.parametrize("method", ["copa", "url", "ncc"])

@@ -8,7 +8,7 @@ and a one-line `description`, and it registers itself with `@register_learner(na
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,6 +81,12 @@ class Learner:
     # What a feature learner fits on: "pooled" features [N, d], or the last stage's "maps" [N, d, h, w]
     # before pooling (CoPA's transformer head); evaluation extracts and caches maps only for the latter.
     feature_kind: ClassVar[str] = "pooled"
+    # The linear maps the head applies before its cosine rule: "shared" (one Θ for images and prototypes),
+    # "separate" (Θ_I and Θ_P), or None (no learned map); what `hf_copa.analysis` can analyse.
+    linear_maps: ClassVar[str | None] = None
+    # Called as observer(step, image_map, prototype_map) with the [B, d, d] maps before the first step and
+    # after each one, by learners that can report them (url, copa); None (the default) costs nothing.
+    step_observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
 
     def __init__(
         self,
@@ -144,6 +150,13 @@ class Learner:
         labels = labels.to(features.device)
         head = self.fit_batch(features.unsqueeze(0), labels.unsqueeze(0), int(labels.max()) + 1)[0]
         return self.check_converged([head])[0]
+
+    def observed(self, image_map: torch.Tensor, prototype_map: torch.Tensor) -> Callable[[int], None] | None:
+        """`run_steps`' `after_step` that shows these maps to `step_observer`, or None without one."""
+        observer = self.step_observer
+        if observer is None:
+            return None
+        return lambda step: observer(step, image_map.detach(), prototype_map.detach())
 
     def check_converged(self, heads: list[AdaptedHead]) -> list[AdaptedHead]:
         """Refuse heads whose optimisation diverged (a non-finite loss or parameter), naming the fix, rather

@@ -22,6 +22,7 @@ class CopaLearner(Learner):
     description = "learns Θ_I for images and Θ_P for prototypes (symmetric contrastive loss)"
     # models/adaptation.py::pa_adaptation: 50 Adam steps, coupled L2 weight decay, tau = 2.
     default_hyperparameters = {"steps": 50, "lr": 1e-3, "weight_decay": 0.1, "tau": 2.0, "scale": 10.0}
+    linear_maps = "separate"
     # The official code picks these by dataset name; here they are named settings.
     presets = {
         "default": {},
@@ -48,5 +49,11 @@ class CopaLearner(Learner):
             )
             return loss, [grad]
 
-        losses = run_steps_with_grads(optimizer, loss_and_grads, hp["steps"], batch_size=len(features))
+        losses = run_steps_with_grads(
+            optimizer,
+            loss_and_grads,
+            hp["steps"],
+            batch_size=len(features),
+            after_step=self.observed(theta_image, theta_proto),
+        )
         return split_heads(self, prototypes, labels, theta_image, theta_proto, losses)

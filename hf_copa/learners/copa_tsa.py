@@ -24,6 +24,7 @@ from .registry import register_learner
 class CopaTSALearner(BackboneLearner):
     description = "adds residual adapters in the backbone's middle stages to CoPA's two maps (slower)"
     # models/adaptation.py::tsa_adaptation: 40 Adam steps, heads at lr, adapters at lr * adapter_lr_scale.
+    linear_maps = "separate"
     default_hyperparameters = {
         "steps": 40,
         "lr": 1e-3,

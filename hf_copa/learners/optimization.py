@@ -27,7 +27,11 @@ def fused_if_supported(tensor: torch.Tensor) -> bool | None:
 
 
 def run_steps(
-    optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int, batch_size: int
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[], torch.Tensor],
+    steps: int,
+    batch_size: int,
+    after_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Take `steps` optimiser steps on the summed per-episode losses; return losses [steps, B].
 
@@ -35,17 +39,23 @@ def run_steps(
     its own gradient. Each recorded loss is the one before its step. Gradients
     are computed for the optimised tensors only (`backward(inputs=...)`): a
     frozen backbone the loss runs through gets none, and its weights' flags are
-    left alone (see `hf_copa.frozen`).
+    left alone (see `hf_copa.frozen`). `after_step(k)`, when given, is called
+    before the first step (k = 0) and after each step k (a learner's
+    `step_observer`, e.g. `hf_copa.analysis.GapTrace`).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
+    if after_step is not None:
+        after_step(0)
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.sum().backward(inputs=params)
             optimizer.step()
             history.append(loss.detach())
+            if after_step is not None:
+                after_step(step + 1)
     if not history:
         return torch.empty(0, batch_size)
     return torch.stack(history)
@@ -56,17 +66,22 @@ def run_steps_with_grads(
     loss_and_grads: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]],
     steps: int,
     batch_size: int,
+    after_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """As `run_steps`, for losses whose gradients are computed by hand (no autograd graph)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
+    if after_step is not None:
+        after_step(0)
     with torch.no_grad():
-        for _ in range(steps):
+        for step in range(steps):
             loss, grads = loss_and_grads()
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad
             optimizer.step()
             history.append(loss)
+            if after_step is not None:
+                after_step(step + 1)
     if not history:
         return torch.empty(0, batch_size)
     return torch.stack(history)

@@ -24,6 +24,7 @@ from .registry import register_learner
 class TSALearner(BackboneLearner):
     description = "also adapts the backbone, with residual adapters in every stage, plus one map (slower)"
     # models/tsa.py: 40 Adadelta steps, lr for the adapters (alpha), lr_beta for the head (beta).
+    linear_maps = "shared"
     default_hyperparameters = {"steps": 40, "lr": 0.5, "lr_beta": 1.0, "scale": 10.0}
     presets = {
         "seen": {"lr": 0.05, "lr_beta": 0.1},

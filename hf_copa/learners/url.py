@@ -21,6 +21,7 @@ class URLLearner(Learner):
     description = "learns one map for both (nearest-centroid loss)"
     # models/pa.py: 40 Adadelta steps, cosine NCC scaled by 10.
     default_hyperparameters = {"steps": 40, "lr": 1.0, "scale": 10.0}
+    linear_maps = "shared"
     presets = {
         "seen": {"lr": 0.1},  # domains the backbone was trained on
         "unseen": {"lr": 1.0},  # new domains (the default)
@@ -36,6 +37,8 @@ class URLLearner(Learner):
             z = features @ theta.mT
             return ncc_loss(cosine_scores(z, class_means(z, one_hot), hp["scale"]), one_hot)
 
-        losses = run_steps(optimizer, loss_fn, hp["steps"], batch_size=len(features))
+        losses = run_steps(
+            optimizer, loss_fn, hp["steps"], batch_size=len(features), after_step=self.observed(theta, theta)
+        )
         prototypes = class_means(features, one_hot)
         return split_heads(self, prototypes, labels, theta, theta, losses)
