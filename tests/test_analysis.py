@@ -294,12 +294,12 @@ def with_option(argv: list[str], option: str, value: str) -> list[str]:
     return argv
 
 
-def test_the_readmes_analyze_command_writes_the_json_and_every_figure(tmp_path, capsys):
+def test_the_readmes_analyze_command_writes_the_json_and_every_figure(datasets_dir, tmp_path, capsys):
     """The README's command as written (fewer episodes), on the bundled model and the shared datasets."""
     argv = readme_analyze_command()
     assert argv[argv.index("--method") + 1 : argv.index("--method") + 3] == ["url", "copa"]
     argv = with_option(with_option(argv, "--episodes", "3"), "--output", str(tmp_path / "analysis"))
-    argv = [a.replace("../shared/", str(REPO_ROOT.parent / "shared") + "/") for a in argv]
+    argv = [a.replace("../shared/datasets/", f"{datasets_dir}/") for a in argv]
     assert main([*argv, "--no-progress", "--cache-dir", "none"]) == 0
     out = capsys.readouterr().out
     folder = tmp_path / "analysis"

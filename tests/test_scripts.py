@@ -125,6 +125,24 @@ def check_tsa_fidelity(out: dict) -> None:
     assert max(losses.values()) < 1e-3, losses
 
 
+def check_gpu(out: dict) -> None:
+    from hf_copa.learners import available_methods, learner_class
+
+    assert out["quick"] is True and out["device"]["type"] == "cpu" and out["protocol"] == "5-way-1-shot"
+    feature_learners = [m for m in available_methods() if not learner_class(m).needs_backbone]
+    assert [r["method"] for r in out["learners"]] == feature_learners
+    for row in out["learners"]:
+        assert row["seconds_per_episode_batched"] > 0 and row["seconds_per_episode_one_by_one"] > 0
+        assert row["max_abs_logit_diff_vs_cpu"] == 0.0  # --device cpu: the same arithmetic twice
+    copa = next(r for r in out["learners"] if r["method"] == "copa")
+    assert copa["projected_meta_dataset_seconds"] == pytest.approx(7800 * copa["seconds_per_episode_batched"])
+    assert {(r["model"], r["channels_last"]) for r in out["extraction"]} == {
+        (m, c) for m in ("bundled", "url-resnet18") for c in (False, True)
+    }
+    assert all(r["images_per_s"] > 0 for r in out["extraction"]) and out["tsa"]["seconds_per_episode"] > 0
+    assert out["matmul_peak_gflops"]["float32"] > 0
+
+
 @dataclass(frozen=True)
 class Case:
     args: Callable[[Path], list[str]]  # the arguments after --quick, given the output file
@@ -148,6 +166,7 @@ CASES: dict[str, Case] = {
     "benchmark_official_episodes": Case(lambda out: ["--json", str(out)], check_official_episodes),
     "benchmark_space": Case(lambda out: ["--json", str(out)], check_space),
     "benchmark_tsa": Case(lambda out: ["--threads", "1", "--json", str(out)], check_tsa),
+    "gpu_check": Case(lambda out: ["--device", "cpu", "--threads", "1", "--json", str(out)], check_gpu),
     "tsa_fidelity_study": Case(
         lambda out: ["--reference-dir", str(SHARED_DIR / "reference"), "--json", str(out)],
         check_tsa_fidelity,
