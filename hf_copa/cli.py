@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="the papers' per-domain presets on Meta-Dataset sources (implied by --benchmark)",
         )
+        sub.add_argument(
+            "--setting",
+            choices=("all-sources", "imagenet-only"),
+            default=None,
+            help="with --benchmark or --paper-settings: the backbone trained on the eight seen sources (the "
+            "default, the paper's first table) or on ImageNet alone (its second table: ImageNet seen, the "
+            "other twelve unseen)",
+        )
         sub.add_argument("--image-column", default="image", help="the column holding the images")
         sub.add_argument("--label-column", default="label", help="the column holding the class labels")
         sub.add_argument(
@@ -471,7 +479,7 @@ def _evaluate(args) -> int:
         **_episode_arguments(args),
     )
     if state.is_main_process:
-        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
+        _record_settings(result.config, args)
         print(result.table())
         if output is not None:
             result.save(output, per_episode=args.per_episode)
@@ -507,13 +515,20 @@ def _analyze(args) -> int:
         **_episode_arguments(args),
     )
     if state.is_main_process:
-        result.config["paper_settings"] = bool(args.paper_settings or args.benchmark)
+        _record_settings(result.config, args)
         print(result.table())
         result.save(folder / "analysis.json")
         figures = write_figures(result.to_json(), folder)
         names = ", ".join(f.name for f in figures)
         print(f"wrote {folder / 'analysis.json'} and {len(figures)} figures: {names}")
     return 0
+
+
+def _record_settings(config: dict, args) -> None:
+    """Whether the papers' settings were applied, and which (all-sources or imagenet-only)."""
+    config["paper_settings"] = bool(args.paper_settings or args.benchmark)
+    if config["paper_settings"]:
+        config["setting"] = args.setting or "all-sources"
 
 
 def _episode_arguments(args) -> dict:
@@ -587,6 +602,12 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
 
     domains = [Domain.parse(spec) for spec in args.dataset]
     sampling, processor = args.sampling or "independent", None
+    if args.setting and not (args.benchmark or args.paper_settings):
+        raise CopaValueError(
+            f"--setting {args.setting} chooses the papers' settings: add --benchmark meta-dataset or "
+            "--paper-settings."
+        )
+    setting = args.setting or "all-sources"
     if not (args.benchmark or args.paper_settings):
         if not domains:
             raise CopaValueError(
@@ -611,12 +632,14 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
             warnings.warn(
                 f"Not found under {args.data_root!r}, so not evaluated: {', '.join(missing)}.", stacklevel=2
             )
-        domains = [Domain(name, str(path), role=benchmark.role(name)) for name, path in found.items()]
+        domains = [
+            Domain(name, str(path), role=benchmark.role(name, setting)) for name, path in found.items()
+        ]
         sampling, processor = args.sampling or "official", "meta-dataset"
     elif not domains:
         raise CopaValueError("Give at least one --dataset PATH_OR_ID[:SPLIT], or --benchmark meta-dataset.")
     for domain in domains:  # the papers' settings: --paper-settings, implied by --benchmark
-        settings = benchmark.paper_settings(domain.name, args.protocol)
+        settings = benchmark.paper_settings(domain.name, args.protocol, setting)
         if not settings:
             warnings.warn(
                 f"--paper-settings: {domain.name!r} is no Meta-Dataset source; its defaults stay.",
@@ -625,7 +648,7 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
         for method, values in settings.items():
             domain.overrides.setdefault(method, {}).update(values)
         if domain.role is None:
-            domain.role = benchmark.role(domain.name)
+            domain.role = benchmark.role(domain.name, setting)
     return domains, sampling, processor
 
 

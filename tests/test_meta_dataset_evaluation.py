@@ -192,3 +192,34 @@ def test_analyze_runs_the_benchmark_on_the_official_episodes_with_the_papers_set
             assert [r["accuracy"] for r in records] == pytest.approx(
                 [100 * a for a in evaluated[domain][method]]
             )
+
+
+def test_the_imagenet_only_setting_sees_imagenet_alone_with_the_official_sdl_rates(
+    benchmark_root, model_dir, tmp_path, capsys
+):
+    """`--setting imagenet-only` is the official `--test.mode sdl`: trainsets = ['ilsvrc_2012'] (URL's
+    test_extractor_pa.py l. 37-42, test_extractor_tsa.py l. 42-47; CoPA's copa_pa.py l. 32-35)."""
+    arguments = ["--benchmark", "meta-dataset", "--data-root", str(benchmark_root), "--episodes", "2"]
+    arguments += ["--setting", "imagenet-only", "--cache-dir", "none"]
+    base = ["evaluate", "--model", str(model_dir), "--method", "ncc", "url", "proto-maml", "copa"]
+    base += ["--override", "copa:steps=3", "--override", "url:steps=3", "--no-progress"]
+    assert main([*base, *arguments, "--output", str(tmp_path / "i.json")]) == 0
+    results = json.loads((tmp_path / "i.json").read_text())
+    config = results["config"]
+    assert config["setting"] == "imagenet-only" and config["paper_settings"]
+    assert config["roles"] == {
+        "ilsvrc_2012": "seen",
+        "omniglot": "unseen",
+        "dtd": "unseen",
+        "mnist": "unseen",
+    }
+    hyperparameters = config["hyperparameters"]
+    assert (
+        hyperparameters["ilsvrc_2012"]["url"]["lr"] == 0.1 and hyperparameters["omniglot"]["url"]["lr"] == 1.0
+    )
+    assert hyperparameters["dtd"]["proto-maml"]["lr"] == pytest.approx(0.005435022808033229)
+    assert hyperparameters["mnist"]["copa"]["lr"] == 5e-3  # by name, as in both settings
+    assert set(results["averages"]) == {"seen", "unseen", "all"}
+    assert "average rank" in capsys.readouterr().out
+    assert main(["evaluate", "--dataset", str(benchmark_root / "mnist"), "--setting", "imagenet-only"]) == 2
+    assert "add --benchmark meta-dataset or --paper-settings" in capsys.readouterr().err

@@ -359,12 +359,13 @@ def test_a_diverging_inner_loop_is_a_clear_error_not_a_nan_classifier(tiny64):
         get_learner("finetune", preset="mini-imagenet", lr=1e37, steps=3).fit(torch.rand(6, 16) * 10, labels)
 
 
+@pytest.mark.parametrize("setting", ["all-sources", "imagenet-only"])
 @pytest.mark.parametrize("protocol", ["meta-dataset", "5-way-1-shot"])
-def test_the_papers_settings_name_presets_each_method_has(protocol):
+def test_the_papers_settings_name_presets_each_method_has(protocol, setting):
     from hf_copa.meta_dataset import benchmark
 
     for source in benchmark.SOURCES:
-        settings = benchmark.paper_settings(source, protocol)
+        settings = benchmark.paper_settings(source, protocol, setting)
         for method, overrides in settings.items():
             assert get_learner(method, **overrides).hyperparameters  # the named preset exists
         new_methods = {"finetune", "finetune-all", "proto-maml", "proto-maml-all", "copa-transformer"}

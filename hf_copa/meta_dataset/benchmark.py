@@ -21,6 +21,15 @@ scripts pick some learning rates by dataset name; here those choices are one nam
 - `proto-maml`, `proto-maml-all`: `all`, `learn/gin/best/maml_init_with_proto_all.gin`, on every source
   (`imagenet` is the ImageNet-only setting);
 - `ncc` and `mahalanobis` have no hyperparameter to set (Simple CNAPS' classifier has none per dataset).
+
+Two settings (`SETTINGS`, `--setting`): `all-sources` (the default, the CoPA paper's first table: the backbone
+was trained on the eight seen sources) and `imagenet-only` (its second table: trained on ImageNet alone).
+The official scripts switch with `--test.mode sdl`, whose only effect is `trainsets = ['ilsvrc_2012']`
+(URL's `test_extractor_pa.py` l. 37-42 and `test_extractor_tsa.py` l. 42-47; CoPA's `copa_pa.py` and
+`copa_tsa.py` l. 32-35): ImageNet is the one seen source, so `url` and `tsa` take their `seen` rates there
+only and the `unseen` ones on the other twelve; CoPA's choices are by dataset name and do not change;
+`proto-maml(-all)` take `maml_init_with_proto_imagenet.gin` (preset `imagenet`); Finetune's ImageNet gin
+equals the all-sources one in these fields.
 """
 
 from __future__ import annotations
@@ -38,18 +47,31 @@ SEEN_SOURCES = (
 )
 UNSEEN_SOURCES = ("traffic_sign", "mscoco", "mnist", "cifar10", "cifar100")
 SOURCES = (*SEEN_SOURCES, *UNSEEN_SOURCES)
+SETTINGS = ("all-sources", "imagenet-only")
+_SEEN_IN = {"all-sources": SEEN_SOURCES, "imagenet-only": ("ilsvrc_2012",)}
 _HIGH_LR = ("mnist", "traffic_sign")
 _HIGH_LR_WD = ("cifar10", "cifar100")
 
 
-def role(source: str) -> str | None:
-    """ "seen" or "unseen" for a Meta-Dataset source, None for any other name."""
-    return "seen" if source in SEEN_SOURCES else "unseen" if source in UNSEEN_SOURCES else None
+def check_setting(setting: str) -> str:
+    if setting not in SETTINGS:
+        raise CopaValueError(f"Unknown benchmark setting {setting!r}; choose one of {', '.join(SETTINGS)}.")
+    return setting
 
 
-def paper_settings(source: str, protocol: str = "meta-dataset") -> dict[str, dict[str, Any]]:
-    """Method -> the overrides (a preset) the papers use on `source` under `protocol`; {} for other names."""
-    seen = role(source)
+def role(source: str, setting: str = "all-sources") -> str | None:
+    """ "seen" or "unseen" for a Meta-Dataset source under `setting`, None for any other name."""
+    if source not in SOURCES:
+        return None
+    return "seen" if source in _SEEN_IN[check_setting(setting)] else "unseen"
+
+
+def paper_settings(
+    source: str, protocol: str = "meta-dataset", setting: str = "all-sources"
+) -> dict[str, dict[str, Any]]:
+    """Method -> the overrides (a preset) the papers use on `source` under `protocol` and `setting`; {} for
+    other names."""
+    seen = role(source, setting)
     if seen is None:
         return {}
     copa_tsa = "high-lr" if source in _HIGH_LR else "high-lr-wd" if source in _HIGH_LR_WD else "default"
@@ -65,8 +87,8 @@ def paper_settings(source: str, protocol: str = "meta-dataset") -> dict[str, dic
         "copa-transformer": {"preset": "high-lr" if source in _HIGH_LR else "default"},
         "finetune": {"preset": "default"},
         "finetune-all": {"preset": "default"},
-        "proto-maml": {"preset": "all"},
-        "proto-maml-all": {"preset": "all"},
+        "proto-maml": {"preset": "all" if setting == "all-sources" else "imagenet"},
+        "proto-maml-all": {"preset": "all" if setting == "all-sources" else "imagenet"},
     }
 
 
