@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("checkpoint", help="URL's model_best.pth.tar, plain or xz-compressed")
     convert.add_argument("output_dir", help="folder to write the model to")
+    convert.add_argument(
+        "--trained-on",
+        default=None,
+        metavar="SOURCE",
+        help="a single-domain (sdl) checkpoint's source when it does not record it (args['data.train'])",
+    )
     convert.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload it, one commit")
     convert.add_argument(
         "--keep-domain-classifiers",
@@ -763,6 +769,7 @@ def _convert(args) -> int:
         push_to_hub=args.push_to_hub,
         stem_padding=args.stem_padding,
         overwrite=args.overwrite,
+        trained_on=args.trained_on,
     )
     print(f"wrote {output}: " + ", ".join(converted_files(args.keep_domain_classifiers)))
     if removes_stale:

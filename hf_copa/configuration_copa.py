@@ -34,6 +34,8 @@ class CopaConfig(PreTrainedConfig):
             `domain_classifiers.safetensors` (URL's `cls_fn`, or those `hf-copa train` learns); None when the
             model keeps none.
         domain_classifier_domains: The domain of each of those classifiers, in the same order.
+        training_domains: The sources the backbone was trained on (URL's multi-domain network: its eight;
+            a single-domain network: its one); None where unknown.
         copa_head: The metadata of an adapted head (method, labels, hyperparameters, base model pin: see
             `hf_copa.heads`) when this config belongs to a saved head; None for a backbone.
     """
@@ -56,6 +58,7 @@ class CopaConfig(PreTrainedConfig):
         adaptation: dict[str, dict[str, Any]] | None = None,
         domain_classifier_sizes: list[int] | None = None,
         domain_classifier_domains: list[str] | None = None,
+        training_domains: list[str] | None = None,
         copa_head: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -77,6 +80,7 @@ class CopaConfig(PreTrainedConfig):
         self.domain_classifier_domains = (
             None if domain_classifier_domains is None else list(domain_classifier_domains)
         )
+        self.training_domains = None if training_domains is None else list(training_domains)
         self.copa_head = copy.deepcopy(copa_head)
         super().__init__(**kwargs)
         self.validate_copa()
@@ -115,6 +119,13 @@ class CopaConfig(PreTrainedConfig):
             raise CopaValueError(
                 "CopaConfig.domain_classifier_domains must name each of the domain_classifier_sizes "
                 f"({sizes!r}), got {domains!r}."
+            )
+        if self.training_domains is not None and not (
+            self.training_domains and all(isinstance(d, str) and d for d in self.training_domains)
+        ):
+            raise CopaValueError(
+                f"CopaConfig.training_domains must be a non-empty list of source names, got "
+                f"{self.training_domains!r}."
             )
         if self.copa_head is not None and not isinstance(self.copa_head, dict):
             raise CopaValueError(f"CopaConfig.copa_head must be a dict or None, got {self.copa_head!r}.")

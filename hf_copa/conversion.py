@@ -1,4 +1,11 @@
-"""Convert URL's released checkpoint (`model_best.pth.tar`) into a `copa-url` model folder, optionally pushed.
+"""Convert URL's released checkpoints (`model_best.pth.tar`) into model folders, optionally pushed.
+
+Two layouts, both saved by URL's `models/model_utils.py::CheckPointer.save_checkpoint` as {'epoch', 'args',
+'state_dict', 'best_val_acc', 'best_val_loss'}: the multi-domain network (`url`, `models/resnet18_mdl.py`:
+eight heads `cls_fn.{0..7}`), and the single-domain (`sdl`) networks of `scripts/train_resnet18_sdl.sh`
+(`models/resnet18.py`: one head `cls_fn`, a linear layer, or `CosineClassifier` with `weight` [512, C] and
+`scale`), whose source is `args['data.train']`. The config's `training_domains` names what the backbone was
+trained on.
 
 The folder is what `CopaModel.from_pretrained` and the Auto classes read: `config.json`,
 `model.safetensors` (the backbone only), `preprocessor_config.json` and a `README.md` model card. URL's
@@ -66,6 +73,7 @@ class UrlCheckpoint:
     best_val_loss: float | None
     source_name: str
     source_sha256: str
+    training_domains: tuple[str, ...] = URL_TRAINING_DOMAINS
 
 
 def converted_files(keep_domain_classifiers: bool = False) -> list[str]:
@@ -83,8 +91,12 @@ def convert_url_checkpoint(
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     stem_padding: int = 1,
     overwrite: bool = False,
+    trained_on: str | None = None,
 ) -> Path:
     """Write a model folder for URL's `model_best.pth.tar` (plain or `.xz`) and optionally push it.
+
+    A single-domain checkpoint names its source in `args['data.train']`; `trained_on` gives it where the
+    checkpoint does not (and must agree where it does).
 
     `stem_padding` is the stem convolution's padding: 1 (the default) as every official test script
     builds the network it loads this checkpoint into (URL's `test_extractor_pa.py` / `test_extractor_tsa.py`,
@@ -99,17 +111,21 @@ def convert_url_checkpoint(
         raise CopaValueError(f"stem_padding must be 1 or 2 (see the docstring), got {stem_padding!r}.")
     written = converted_files(keep_domain_classifiers)
     output = check_output_folder(output_dir, written, overwrite)
-    checkpoint = load_url_checkpoint(checkpoint_path)
+    checkpoint = load_url_checkpoint(checkpoint_path, trained_on)
     if keep_domain_classifiers and not checkpoint.domain_classifiers:
         raise CopaValueError(
-            f"{checkpoint_path}: the checkpoint has no domain classifiers (cls_fn.*) to keep; "
+            f"{checkpoint_path}: the checkpoint has no linear domain classifiers (cls_fn.*) to keep; "
             "convert without keep_domain_classifiers."
         )
-    config = CopaConfig(stem_padding=stem_padding)
+    config = CopaConfig(stem_padding=stem_padding, training_domains=list(checkpoint.training_domains))
     model = _backbone_model(config, checkpoint.backbone)
     if keep_domain_classifiers:
         config.domain_classifier_sizes = list(checkpoint.domain_classifier_sizes)
-        config.domain_classifier_domains = _domain_names(checkpoint.domain_classifier_sizes)
+        config.domain_classifier_domains = (
+            list(checkpoint.training_domains)
+            if len(checkpoint.training_domains) == 1
+            else _domain_names(checkpoint.domain_classifier_sizes)
+        )
 
     output.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
@@ -139,8 +155,9 @@ def convert_url_checkpoint(
     return output
 
 
-def load_url_checkpoint(checkpoint_path: str | Path) -> UrlCheckpoint:
-    """Read and check URL's checkpoint: every backbone tensor present, with the right shape, nothing else."""
+def load_url_checkpoint(checkpoint_path: str | Path, trained_on: str | None = None) -> UrlCheckpoint:
+    """Read and check URL's checkpoint: every backbone tensor present, with the right shape, nothing else;
+    a single-domain checkpoint's source from `args['data.train']` or `trained_on`."""
     path = Path(checkpoint_path)
     if not path.is_file():
         reason = "is a folder" if path.is_dir() else "does not exist"
@@ -164,6 +181,17 @@ def load_url_checkpoint(checkpoint_path: str | Path) -> UrlCheckpoint:
     backbone = {k: v for k, v in state.items() if not k.startswith(DOMAIN_CLASSIFIER_PREFIX)}
     heads = {k: v for k, v in state.items() if k.startswith(DOMAIN_CLASSIFIER_PREFIX)}
     _check_backbone(backbone, path)
+    single = {name.removeprefix(DOMAIN_CLASSIFIER_PREFIX) for name in heads} <= {"weight", "bias", "scale"}
+    if heads and single:
+        heads = _single_domain_head(heads, path)
+        training_domains = (_single_training_domain(payload.get("args"), trained_on, path),)
+    else:
+        if trained_on is not None:
+            raise CopaValueError(
+                f"{path} is URL's multi-domain checkpoint (trained on {', '.join(URL_TRAINING_DOMAINS)}); "
+                "--trained-on applies to a single-domain (sdl) checkpoint only."
+            )
+        training_domains = URL_TRAINING_DOMAINS
     sizes = _check_domain_classifiers(heads, path)
     return UrlCheckpoint(
         backbone=backbone,
@@ -174,7 +202,48 @@ def load_url_checkpoint(checkpoint_path: str | Path) -> UrlCheckpoint:
         best_val_loss=_scalar(payload.get("best_val_loss"), float),
         source_name=path.name,
         source_sha256=sha256,
+        training_domains=training_domains,
     )
+
+
+def _single_domain_head(heads: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """A single-domain network's `cls_fn`: a linear layer is kept as `cls_fn.0.*` (the layout of the
+    domain classifiers file); a `CosineClassifier` (weight [512, C] and a scale) is not kept."""
+    if f"{DOMAIN_CLASSIFIER_PREFIX}scale" in heads:
+        return {}
+    return {
+        f"{DOMAIN_CLASSIFIER_PREFIX}0.{name.removeprefix(DOMAIN_CLASSIFIER_PREFIX)}": t
+        for name, t in heads.items()
+    }
+
+
+def _single_training_domain(args: Any, trained_on: str | None, path: Path) -> str:
+    """The source a single-domain checkpoint was trained on: URL's `args['data.train']` (train_net.py's
+    `--data.train`, a list of one name), or `trained_on`."""
+    recorded = args.get("data.train") if isinstance(args, dict) else None
+    if isinstance(recorded, list | tuple) and len(recorded) == 1:
+        recorded = recorded[0]
+    if recorded is not None and not isinstance(recorded, str):
+        raise CopaValueError(
+            f"{path}: a single-domain checkpoint should be trained on one source, but its args['data.train'] "
+            f"is {recorded!r}."
+        )
+    if recorded is not None and trained_on is not None and recorded != trained_on:
+        raise CopaValueError(
+            f"{path} records that it was trained on {recorded!r}, not {trained_on!r}; drop --trained-on."
+        )
+    domain = recorded or trained_on
+    if domain is None:
+        raise CopaValueError(
+            f"{path} is a single-domain (sdl) checkpoint that does not record its source (no "
+            "args['data.train']); name it with --trained-on SOURCE (e.g. ilsvrc_2012)."
+        )
+    if domain not in URL_TRAINING_DOMAINS:
+        raise CopaValueError(
+            f"{path}: single-domain source {domain!r} is not one of URL's training sources "
+            f"({', '.join(URL_TRAINING_DOMAINS)})."
+        )
+    return domain
 
 
 def load_url_backbone(checkpoint_path: str | Path, stem_padding: int = 1) -> CopaModel:
@@ -219,7 +288,7 @@ def render_model_card(config: CopaConfig, checkpoint: UrlCheckpoint, repo_id: st
         feature_dim=config.feature_dim,
         image_size=config.image_size,
         final_map_size=final_map,
-        training_domains=URL_TRAINING_DOMAINS,
+        training_domains=checkpoint.training_domains,
         source_name=checkpoint.source_name,
         source_sha256=checkpoint.source_sha256,
         epoch=checkpoint.epoch,

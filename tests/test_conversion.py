@@ -286,3 +286,76 @@ def test_push_to_hub_uploads_one_commit_that_loads_online_and_then_offline(
     assert offline["offline"] is True
     assert offline["auto_classes"] == ["CopaModel", "CopaImageProcessor"] and offline["auto_equal"]
     assert offline["sums"] == pytest.approx({k: float(v.double().sum()) for k, v in expected.items()})
+
+
+# --- URL's single-domain (sdl) networks ----------------------------------------------------------------
+
+
+def sdl_checkpoint(checkpoint: dict, folder: Path, source: str | None, cosine: bool = False, **extra) -> Path:
+    """A checkpoint in the layout of URL's `scripts/train_resnet18_sdl.sh` networks: `models/resnet18.py`'s
+    state_dict (the backbone plus one `cls_fn`, nn.Linear or `CosineClassifier`) saved by
+    `CheckPointer.save_checkpoint` with the run's `args` (whose `data.train` names the source)."""
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("cls_fn.")}
+    generator = torch.Generator().manual_seed(0)
+    if cosine:
+        state["cls_fn.scale"] = torch.tensor(10.0)
+        state["cls_fn.weight"] = torch.randn(512, 7, generator=generator)
+    else:
+        state["cls_fn.weight"] = torch.randn(7, 512, generator=generator)
+        state["cls_fn.bias"] = torch.randn(7, generator=generator)
+    args = {"model.name": "imagenet-net", "model.classifier": "cosine" if cosine else "linear"}
+    if source is not None:
+        args["data.train"] = [source]
+    payload = {"epoch": 3, "args": args, "state_dict": state, "best_val_acc": 0.5, "best_val_loss": 1.5}
+    path = folder / "model_best.pth.tar"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({**payload, **extra}, path)
+    return path
+
+
+def test_a_single_domain_checkpoint_converts_with_its_source_and_its_head(checkpoint, tmp_path):
+    path = sdl_checkpoint(checkpoint, tmp_path / "sdl", "ilsvrc_2012")
+    folder = convert_url_checkpoint(path, tmp_path / "imagenet-net", keep_domain_classifiers=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training_domains"] == ["ilsvrc_2012"]
+    assert config["domain_classifier_sizes"] == [7] and config["domain_classifier_domains"] == ["ilsvrc_2012"]
+    head = load_domain_classifiers(folder)["ilsvrc_2012"]
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert torch.equal(head.weight, saved["cls_fn.weight"]) and torch.equal(head.bias, saved["cls_fn.bias"])
+    card = (folder / "README.md").read_text()
+    assert "single-domain (sdl) networks, trained by its authors on ilsvrc_2012" in card
+    model = hf_copa.CopaModel.from_pretrained(folder)
+    assert model.config.training_domains == ["ilsvrc_2012"]
+    assert torch.equal(model.state_dict()["conv1.weight"], checkpoint["state_dict"]["conv1.weight"])
+    # The multi-domain checkpoint names its eight.
+    multi = convert_url_checkpoint(saved_multi_domain(checkpoint, tmp_path), tmp_path / "multi")
+    assert json.loads((multi / "config.json").read_text())["training_domains"] == list(URL_TRAINING_DOMAINS)
+
+
+def saved_multi_domain(checkpoint: dict, tmp_path: Path) -> Path:
+    path = tmp_path / "url.pth.tar"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_single_domain_checkpoints_without_a_source_or_with_a_cosine_head(checkpoint, tmp_path, capsys):
+    unnamed = sdl_checkpoint(checkpoint, tmp_path / "unnamed", None)
+    with pytest.raises(ValueError, match=r"does not record its source .* --trained-on SOURCE"):
+        convert_url_checkpoint(unnamed, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    assert main(["convert", str(unnamed), str(tmp_path / "named"), "--trained-on", "omniglot"]) == 0
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["training_domains"] == ["omniglot"]
+    named = sdl_checkpoint(checkpoint, tmp_path / "named-ckpt", "dtd")
+    with pytest.raises(ValueError, match="records that it was trained on 'dtd', not 'omniglot'"):
+        convert_url_checkpoint(named, tmp_path / "never", trained_on="omniglot")
+    with pytest.raises(ValueError, match="multi-domain checkpoint .* --trained-on applies"):
+        convert_url_checkpoint(saved_multi_domain(checkpoint, tmp_path), tmp_path / "never", trained_on="dtd")
+    foreign = sdl_checkpoint(checkpoint, tmp_path / "foreign", "mnist")
+    with pytest.raises(ValueError, match="'mnist' is not one of URL's training sources"):
+        convert_url_checkpoint(foreign, tmp_path / "never")
+    cosine = sdl_checkpoint(checkpoint, tmp_path / "cosine", "fungi", cosine=True)
+    folder = convert_url_checkpoint(cosine, tmp_path / "fungi-net")  # the backbone converts
+    assert json.loads((folder / "config.json").read_text())["training_domains"] == ["fungi"]
+    with pytest.raises(ValueError, match="no linear domain classifiers"):
+        convert_url_checkpoint(cosine, tmp_path / "never", keep_domain_classifiers=True)
+    assert not (tmp_path / "never").exists()
