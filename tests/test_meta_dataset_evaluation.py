@@ -221,5 +221,11 @@ def test_the_imagenet_only_setting_sees_imagenet_alone_with_the_official_sdl_rat
     assert hyperparameters["mnist"]["copa"]["lr"] == 5e-3  # by name, as in both settings
     assert set(results["averages"]) == {"seen", "unseen", "all"}
     assert "average rank" in capsys.readouterr().out
+    from hf_copa.cli import build_parser
+    from hf_copa.meta_dataset.benchmark import SETTINGS
+
+    evaluate_parser = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    setting_flag = next(a for a in evaluate_parser._actions if a.dest == "setting")
+    assert tuple(setting_flag.choices) == SETTINGS  # the CLI's literal list (it imports no torch) is the same
     assert main(["evaluate", "--dataset", str(benchmark_root / "mnist"), "--setting", "imagenet-only"]) == 2
     assert "add --benchmark meta-dataset or --paper-settings" in capsys.readouterr().err

@@ -107,11 +107,6 @@ def head_maps(head: AdaptedHead) -> tuple[torch.Tensor, torch.Tensor] | None:
     return image, prototype
 
 
-def shares_one_map(head: AdaptedHead) -> bool:
-    maps = head_maps(head)
-    return maps is not None and torch.equal(maps[0], maps[1])
-
-
 def paired_prototypes(prototypes: torch.Tensor, labels: Any) -> torch.Tensor:
     """Each image's own class prototype, [N, d]: the pairing of the official gap figures."""
     return prototypes[torch.as_tensor(np.asarray(labels), dtype=torch.long)]
