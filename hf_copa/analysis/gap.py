@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import AdaptedHead
-from ..losses import NORM_EPS
+from ..losses import NORM_EPS, class_means, one_hot_labels
 from ..validation import CopaValueError, as_feature_matrix
 
 # The scales of the gap-enlarging experiment: each side moves by scale/2 of the gap (0: as adapted, -1: the
@@ -163,8 +163,8 @@ def episode_gap(
         )
     plain = features if plain_support_features is None else _matrix(plain_support_features, "plain features")
     before = _class_mean_gap_vector(plain, labels)
-    delta = _class_mean_gap_vector(features, labels)
     prototypes = _class_means(features, labels)
+    delta = gap_vector(features, paired_prototypes(prototypes, labels))
     after = prototype_image_gap(features @ image_map, paired_prototypes(prototypes @ prototype_map, labels))
     gap = EpisodeGap(
         before=float(torch.linalg.vector_norm(before)),
@@ -184,9 +184,9 @@ def episode_gap(
 
 
 def _class_means(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    num_classes = int(labels.max()) + 1
-    one_hot = F.one_hot(labels, num_classes).to(features.dtype)
-    return (one_hot.T @ features) / one_hot.sum(0).clamp_min(1).unsqueeze(1)
+    """[C, d] class means of one episode, by the learners' own `losses.class_means`."""
+    one_hot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1, features.dtype)
+    return class_means(features.unsqueeze(0), one_hot)[0]
 
 
 def _class_mean_gap_vector(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
