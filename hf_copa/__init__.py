@@ -19,6 +19,7 @@ _HOMES = {
     "ADAPTATION_DEFAULTS": "learners",
     "ADAPTATION_PRESETS": "learners",
     "AdaptedHead": "heads",
+    "CopaBackboneSet": "modeling_backbone_set",
     "CopaConfig": "configuration_copa",
     "CopaForFewShotClassification": "modeling_copa",
     "CopaImageProcessor": "image_processing_copa",
@@ -36,6 +37,7 @@ _HOMES = {
 }
 # Names whose use means transformers is in play: they register hf_copa with its Auto classes.
 _TRANSFORMERS_NAMES = {
+    "CopaBackboneSet",
     "CopaConfig",
     "CopaForFewShotClassification",
     "CopaImageProcessor",

@@ -76,6 +76,7 @@ def adapt_to_task(
         image_processor: Turns images into pixel values (default: the backbone's own).
     """
     learner = _resolve_learner(backbone, method, preset, hyperparameters)
+    learner.check_model(backbone)
     if (support_images is None) == (support_features is None):
         raise CopaTypeError("Give the support set either as support_images or as support_features, not both.")
     if query_images is not None and query_features is not None:
@@ -133,6 +134,7 @@ def adapt(
     **hyperparameters: Any,
 ) -> AdaptedHead:
     """Fit `method` on support features [N, d] with labels 0..C-1; the head's `.logits(query)` gives [Nq, C].
+    Several-backbone methods (`sur`, `urt`) take a `CopaBackboneSet`'s features [N, B, d] the same way.
 
     No backbone is needed. Hyperparameters (`steps`, `lr`, `weight_decay`, and `tau`, `scale` where they
     apply) override the method's defaults (`hf_copa.ADAPTATION_DEFAULTS`); `preset` names a setting from

@@ -18,7 +18,7 @@ from pathlib import Path
 from .bundled import DEFAULT_MODEL
 from .folders import load_class_folders, query_images, sample_task_dir
 from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names, shown_value
-from .training.config import MIXED_PRECISION_CHOICES, TrainingConfig
+from .training.config import MIXED_PRECISION_CHOICES, TrainingConfig, URTTrainingConfig
 from .validation import CopaError, CopaValueError, check_int
 
 PROTOCOLS = ("meta-dataset", "varying-way-5-shot", "5-way-1-shot")
@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_episode_options(evaluate)
     evaluate.add_argument("--method", nargs="+", default=["ncc", "url", "copa"], choices=available_methods())
     evaluate.add_argument(
+        "--urt-head",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="the URT layer `hf-copa train-urt` wrote (for --method urt; ID@REVISION pins a Hub commit)",
+    )
+    evaluate.add_argument(
         "--random-init",
         action="store_true",
         help="evaluate a backbone of --model's shape with seeded random weights (the untrained baseline)",
@@ -267,6 +273,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command of each --extra-evaluation",
     )
 
+    bundle = commands.add_parser(
+        "bundle",
+        help="several backbones as one set (features [N, B, d]) for SUR and URT",
+        description="Write a backbone set: the members in the order given (SUR and URT combine them in that "
+        "order; the official one is ilsvrc_2012, omniglot, aircraft, cu_birds, dtd, quickdraw, fungi, "
+        "vgg_flower). A member is NAME=MODEL or MODEL, named then after the one source its config's "
+        "training_domains lists (as `hf-copa convert` records for URL's single-domain networks).",
+    )
+    bundle.add_argument(
+        "backbone", nargs="+", metavar="[NAME=]MODEL[@REVISION]", help="a model folder or Hub id per member"
+    )
+    bundle.add_argument("--output", required=True, help="the set's folder")
+    bundle.add_argument(
+        "--reference",
+        action="store_true",
+        help="record Hub members by id and commit instead of copying their weights (Hub ids only)",
+    )
+    bundle.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload it, one commit")
+    bundle.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+
+    train_urt = commands.add_parser(
+        "train-urt",
+        help="meta-train URT's layer over a backbone set's features of training episodes (Accelerate)",
+        description="Train the Universal Representation Transformer layer (liulu112601/URT) on episodes of "
+        "the training sources, with the official settings unless changed. The first --dataset plays "
+        "ImageNet's part (drawn for half the episodes). Runs under `accelerate launch` for several "
+        "processes; the result is the same for any number of them.",
+    )
+    train_urt.add_argument("--model", required=True, help="the backbone set (folder or Hub id)")
+    train_urt.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        metavar="PATH_OR_ID[:SPLIT]",
+        help="a training source, split 'train' unless given; repeat for each (the first: half the episodes)",
+    )
+    train_urt.add_argument("--output", required=True, help="folder for the trained layer")
+    add_compute_options(train_urt)
+    urt_defaults = URTTrainingConfig()
+    for name, value in asdict(urt_defaults).items():
+        if name == "sources":
+            continue
+        flag = "--" + name.replace("_", "-")
+        choices = PROTOCOLS if name == "protocol" else None
+        train_urt.add_argument(
+            flag, type=type(value), default=value, choices=choices, help=f"default {value}"
+        )
+    train_urt.add_argument(
+        "--cache-dir", default=None, help="feature cache (default: hf_copa's; 'none': off)"
+    )
+    train_urt.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="also upload it")
+    train_urt.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    train_urt.add_argument("--no-progress", action="store_true")
+
     convert = commands.add_parser(
         "convert", help="convert URL's released checkpoint (model_best.pth.tar[.xz]) to a model folder"
     )
@@ -331,7 +391,7 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
         values = list(defaults.values())
         if all(isinstance(v, bool) for v in values):
             kind = parse_bool
-        elif all(isinstance(v, str) for v in values):
+        elif all(isinstance(v, str) or v is None for v in values):
             kind = str
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             kind = int
@@ -392,6 +452,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "analyze": _analyze,
         "convert": _convert,
         "model-card": _model_card,
+        "bundle": _bundle,
+        "train-urt": _train_urt,
     }
     return commands[args.command](args)
 
@@ -411,13 +473,24 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _load_model(name_or_path: str | None, show_notes: bool = True):
-    """The backbone; its warnings are shown as notes (by one process only, under several)."""
+def _load_model(name_or_path: str | None, show_notes: bool = True, methods: list[str] | None = None):
+    """The backbone, or the backbone set when `--model` is a set folder or the methods combine several
+    backbones; its warnings are shown as notes (by one process only, under several)."""
+    from .learners import learner_class
+    from .modeling_backbone_set import CopaBackboneSet, is_backbone_set_folder
     from .pretrained import load_model
 
     with warnings.catch_warnings():
         if not show_notes:
             warnings.simplefilter("ignore")
+        several = any(learner_class(m).feature_kind == "backbones" for m in methods or [])
+        if name_or_path and (is_backbone_set_folder(name_or_path) or several):
+            return CopaBackboneSet.from_pretrained(name_or_path)
+        if several:
+            raise CopaValueError(
+                f"--method {methods} combines several backbones: pass --model SET, a backbone set written by "
+                "`hf-copa bundle`."
+            )
         return load_model(name_or_path)
 
 
@@ -465,10 +538,16 @@ def _evaluate(args) -> int:
     from .evaluation import evaluate
 
     domains, sampling, processor, global_overrides = _prepared_domains(args)
+    if args.urt_head is not None:
+        if "urt" not in args.method:
+            raise CopaValueError("--urt-head is the layer of --method urt, which is not among --method.")
+        global_overrides.setdefault("urt", {})["urt_head"] = args.urt_head
     output = _checked_output_file(args.output)  # before any work: a bad path must not cost the run
     state = PartialState(cpu=use_cpu())
-    model = _load_model(args.model, show_notes=state.is_main_process)
+    model = _load_model(args.model, show_notes=state.is_main_process, methods=args.method)
     model_name = None
+    if args.random_init and hasattr(model, "feature_members"):
+        raise CopaValueError("--random-init takes one backbone, not a backbone set.")
     if args.random_init:
         from .pretrained import RANDOM_INIT_SEED, random_backbone
 
@@ -507,7 +586,7 @@ def _analyze(args) -> int:
     domains, sampling, processor, global_overrides = _prepared_domains(args)
     folder = _checked_output_folder(args.output)
     state = PartialState(cpu=use_cpu())
-    model = _load_model(args.model, show_notes=state.is_main_process)
+    model = _load_model(args.model, show_notes=state.is_main_process, methods=args.method)
     result = analyze(
         model,
         domains,
@@ -560,7 +639,8 @@ def _episode_processor(model, processor: str | None):
         return None
     from .image_processing_copa import CopaImageProcessor
 
-    return CopaImageProcessor.from_copa_config(model.config, decoder="meta-dataset")
+    config = model.members[0].config if hasattr(model, "feature_members") else model.config
+    return CopaImageProcessor.from_copa_config(config, decoder="meta-dataset")
 
 
 def _prepared_domains(args) -> tuple[list, str, str | None, dict[str, dict]]:
@@ -776,6 +856,67 @@ def _convert(args) -> int:
         print(f"removed {stale.name} (an earlier conversion's classifiers; config.json no longer lists them)")
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _bundle(args) -> int:
+    from .files import check_output_folder
+    from .modeling_backbone_set import MEMBERS_FOLDER, SET_FILE, CopaBackboneSet
+    from .modeling_copa import CopaModel
+
+    check_output_folder(args.output, [SET_FILE, "README.md", MEMBERS_FOLDER], args.overwrite)
+    members = []
+    for text in args.backbone:
+        name, sep, source = text.partition("=")
+        if not sep:
+            name, source = "", text
+        source, _, revision = source.partition("@") if not Path(source).exists() else (source, "", "")
+        model = CopaModel.from_pretrained(source, revision=revision or None).eval()
+        if not name:
+            domains = model.config.training_domains or []
+            if len(domains) != 1:
+                raise CopaValueError(
+                    f"{source!r} names no single training source (training_domains: {domains}); "
+                    "give the member as NAME=MODEL."
+                )
+            name = domains[0]
+        members.append((name, model))
+    backbone_set = CopaBackboneSet(members)
+    folder = backbone_set.save_pretrained(args.output, bundle=not args.reference)
+    print(f"wrote {folder}: {backbone_set.num_backbones} backbones ({', '.join(backbone_set.names)})")
+    if args.push_to_hub:
+        backbone_set.push_to_hub(args.push_to_hub, bundle=not args.reference)
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _train_urt(args) -> int:
+    from .features import default_cache_dir
+    from .files import check_output_folder
+    from .learners.urt import URT_LAYER_CONFIG, URT_LAYER_WEIGHTS
+    from .modeling_backbone_set import CopaBackboneSet
+    from .training.urt import URT_LOG_FILE, train_urt
+
+    fields = {name: getattr(args, name) for name in asdict(URTTrainingConfig()) if name != "sources"}
+    config = URTTrainingConfig(sources=args.dataset, **fields)
+    config.check()
+    check_output_folder(
+        args.output, [URT_LAYER_CONFIG, URT_LAYER_WEIGHTS, "README.md", URT_LOG_FILE], args.overwrite
+    )
+    cache_dir = None if (args.cache_dir or "").lower() == "none" else (args.cache_dir or default_cache_dir())
+    backbone_set = CopaBackboneSet.from_pretrained(args.model)
+    result = train_urt(backbone_set, config, args.output, cache_dir=cache_dir, progress=not args.no_progress)
+    if result.is_main_process:
+        last = result.history[-1]
+        print(
+            f"wrote {result.output_dir} ({config.episodes} episodes, final loss {last['loss']:.4f}, "
+            f"temperature {last['temperature']:.3f}, {result.seconds:.1f} s of training)"
+        )
+        if args.push_to_hub:
+            from .learners.urt import push_urt_layer
+
+            commit = push_urt_layer(result.output_dir, args.push_to_hub)
+            print(f"pushed to {args.push_to_hub} (use --urt-head {args.push_to_hub}@{commit.oid})")
     return 0
 
 

@@ -117,7 +117,11 @@ def convert_url_checkpoint(
             f"{checkpoint_path}: the checkpoint has no linear domain classifiers (cls_fn.*) to keep; "
             "convert without keep_domain_classifiers."
         )
-    config = CopaConfig(stem_padding=stem_padding, training_domains=list(checkpoint.training_domains))
+    config = CopaConfig(
+        stem_padding=stem_padding,
+        training_domains=list(checkpoint.training_domains),
+        **backbone_widths(checkpoint.backbone),
+    )
     model = _backbone_model(config, checkpoint.backbone)
     if keep_domain_classifiers:
         config.domain_classifier_sizes = list(checkpoint.domain_classifier_sizes)
@@ -192,7 +196,7 @@ def load_url_checkpoint(checkpoint_path: str | Path, trained_on: str | None = No
                 "--trained-on applies to a single-domain (sdl) checkpoint only."
             )
         training_domains = URL_TRAINING_DOMAINS
-    sizes = _check_domain_classifiers(heads, path)
+    sizes = _check_domain_classifiers(heads, path, backbone_widths(backbone)["hidden_sizes"][-1])
     return UrlCheckpoint(
         backbone=backbone,
         domain_classifiers=heads,
@@ -253,9 +257,8 @@ def load_url_backbone(checkpoint_path: str | Path, stem_padding: int = 1) -> Cop
     (`models/resnet18.py`); 2 is the network URL trained it in (`models/resnet18_mdl.py`); see
     `../shared/reference/README.md`.
     """
-    return _backbone_model(
-        CopaConfig(stem_padding=stem_padding), load_url_checkpoint(checkpoint_path).backbone
-    )
+    backbone = load_url_checkpoint(checkpoint_path).backbone
+    return _backbone_model(CopaConfig(stem_padding=stem_padding, **backbone_widths(backbone)), backbone)
 
 
 def render_model_card(config: CopaConfig, checkpoint: UrlCheckpoint, repo_id: str):
@@ -360,9 +363,25 @@ def _torch_load(raw: bytes, path: Path) -> Any:
         ) from None
 
 
+def backbone_widths(backbone: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The stem and stage widths of a ResNet-18 state_dict in URL's naming: URL's 64 / 64-128-256-512, or a
+    narrower network of the same layout (the stand-ins `scripts/make_sdl_standins.py` writes); a tensor
+    that is absent leaves URL's width, and `_check_backbone` then names what is missing or misshapen."""
+    defaults = CopaConfig()
+    stem = backbone.get("conv1.weight")
+    stages = [backbone.get(f"layer{i}.0.conv1.weight") for i in range(1, 5)]
+    return {
+        "embedding_size": int(stem.shape[0]) if stem is not None and stem.ndim else defaults.embedding_size,
+        "hidden_sizes": [
+            int(t.shape[0]) if t is not None and t.ndim else width
+            for t, width in zip(stages, defaults.hidden_sizes, strict=True)
+        ],
+    }
+
+
 def _check_backbone(backbone: dict[str, torch.Tensor], path: Path) -> None:
     with torch.device("meta"):
-        expected = CopaModel(CopaConfig()).state_dict()
+        expected = CopaModel(CopaConfig(**backbone_widths(backbone))).state_dict()
     missing = [name for name in expected if name not in backbone]
     unexpected = [name for name in backbone if name not in expected]
     problems = []
@@ -377,8 +396,10 @@ def _check_backbone(backbone: dict[str, torch.Tensor], path: Path) -> None:
         )
     if problems:
         raise ValueError(
-            f"{path}: the state_dict is not URL's ResNet-18 (BasicBlock [2, 2, 2, 2], widths 64-128-256-512, "
-            f"5x5 stem): " + "; ".join(problems) + ". Pass the checkpoint of URL's resnet18 backbone."
+            f"{path}: the state_dict is not URL's ResNet-18 (BasicBlock [2, 2, 2, 2], widths 64-128-256-512 "
+            f"or a narrower network of that layout, 5x5 stem): "
+            + "; ".join(problems)
+            + ". Pass the checkpoint of URL's resnet18 backbone."
         )
     wrong = [
         f"{name} is {tuple(backbone[name].shape)}, expected {tuple(reference.shape)}"
@@ -392,7 +413,7 @@ def _check_backbone(backbone: dict[str, torch.Tensor], path: Path) -> None:
             raise ValueError(f"{path}: the backbone tensor {name} holds NaN or infinite values.")
 
 
-def _check_domain_classifiers(heads: dict[str, torch.Tensor], path: Path) -> list[int]:
+def _check_domain_classifiers(heads: dict[str, torch.Tensor], path: Path, feature_dim: int) -> list[int]:
     """Output sizes of `cls_fn.0..K-1`, checking each is a complete [classes, 512] linear layer."""
     indices: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in heads.items():
@@ -404,7 +425,6 @@ def _check_domain_classifiers(heads: dict[str, torch.Tensor], path: Path) -> lis
         indices.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
     if sorted(indices) != list(range(len(indices))):
         raise ValueError(f"{path}: the domain classifiers are numbered {sorted(indices)}, expected 0..K-1.")
-    feature_dim = CopaConfig().feature_dim
     sizes = []
     for index in range(len(indices)):
         parts = indices[index]

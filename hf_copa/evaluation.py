@@ -406,6 +406,10 @@ def evaluate(
         num_workers,
         mixed_precision,
     )
+    for domain in domains:  # a method the model cannot serve is refused before any image is read
+        for method in methods:
+            hp = hyperparameters_for(getattr(model, "config", None), domain, method, overrides)
+            get_learner(method, **hp).check_model(model)
     on_backbone = {m: learner_class(m).needs_backbone for m in methods}
     accuracies: dict[str, dict[str, list[float]]] = {}
     used_hyperparameters: dict[str, dict[str, dict]] = {}
@@ -447,7 +451,10 @@ def evaluate(
             accuracies[domain.name][method] = [acc for _, acc in sorted(gathered)]
     results, averages = summarise(accuracies, domains, methods)
     config = {
-        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "model": model_name
+        or getattr(model, "name_or_path", None)
+        or getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
         "methods": list(methods),
         "protocol": protocol,
         "episodes": num_episodes,

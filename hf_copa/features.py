@@ -189,7 +189,34 @@ def extract_row_features(
 
     Arguments as for `extract_dataset_features`. With a cache, the rows already cached for this model,
     processor and dataset are read back and only the others are embedded; the entry then holds both.
+
+    A model with several backbones (`CopaBackboneSet`, which has `feature_members()`) gives [len(rows), B, d]:
+    each member is extracted (and cached under its own key) in turn, so only one backbone runs at a time.
     """
+    members = getattr(model, "feature_members", None)
+    if callable(members):
+        if spatial:
+            raise CopaValueError(
+                "A backbone set gives pooled features [N, B, d] only; feature maps come from one backbone."
+            )
+        processor = _resolve_processor(model, image_processor)
+        parts = [
+            extract_row_features(
+                member,
+                dataset,
+                rows,
+                processor,
+                image_column,
+                batch_size,
+                cache_dir,
+                device,
+                progress,
+                num_workers,
+                mixed_precision,
+            )
+            for _, member in members()
+        ]
+        return RowFeatures(parts[0].rows, torch.stack([part.features for part in parts], dim=1))
     _check_model(model)
     _check_dataset(dataset, image_column)
     check_int("batch_size", batch_size, 1)

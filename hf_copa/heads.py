@@ -43,8 +43,15 @@ from torch import nn
 
 from ._version import __version__
 from .files import save_safetensors, write_text_atomically
-from .losses import cosine_scores, tf_l2_normalize
-from .validation import CopaTypeError, CopaValueError, as_feature_maps, as_feature_matrix
+from .losses import (
+    BACKBONE_COMBINATIONS,
+    combine_backbones,
+    combined_prototypes,
+    cosine_matrix,
+    cosine_scores,
+    tf_l2_normalize,
+)
+from .validation import CopaTypeError, CopaValueError, as_feature_maps, as_feature_matrix, as_feature_stack
 
 if TYPE_CHECKING:
     from .configuration_copa import CopaConfig
@@ -413,6 +420,110 @@ class TransformerHead(AdaptedHead):
         shapes = {name: tuple(tensor.shape) for name, tensor in self.image_encoder.items()}
         if not blocks or shapes != expected:
             return "its image encoder's tensors are not those of a transformer for these maps"
+        return None
+
+
+@register_head_kind
+class BackboneWeightsHead(AdaptedHead):
+    """Weights over several backbones' features, then a cosine prototype classifier: SUR's and URT's rule.
+
+    Queries are a `CopaBackboneSet`'s features [N, B, d] (`feature_kind = "backbones"`). `selection` [B, H]
+    weighs the backbones (SUR: H = 1, sigmoid of the fitted lambdas; URT: the layer's H heads' scores),
+    `combination` says how (`hf_copa.losses.combine_backbones`), and the logits are scale * cos(combined
+    query, prototype) with each norm floored at `cosine_eps` (SUR 1e-30, URT PyTorch's default 1e-8).
+    `prototypes` are the class means of the combined support features. `backbone_set` records the set's
+    `identity()` (names and weight fingerprints) when a set adapted the head, so that no other set scores it.
+    """
+
+    scoring = "backbone-weights"
+    feature_kind = "backbones"
+    rule_tensor_names = ("selection",)
+
+    def __init__(
+        self,
+        prototypes: torch.Tensor,
+        selection: torch.Tensor,
+        combination: str,
+        cosine_eps: float,
+        backbone_set: Mapping[str, Any] | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(prototypes, **common)
+        self.register_buffer("selection", selection.detach().clone())
+        self.combination = combination
+        self.cosine_eps = float(cosine_eps)
+        self.backbone_set = None if backbone_set is None else dict(backbone_set)
+
+    @classmethod
+    def fitted(
+        cls,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        selection: torch.Tensor,
+        combination: str,
+        cosine_eps: float,
+        **common: Any,
+    ) -> BackboneWeightsHead:
+        """The head whose prototypes are the class means of the combined support features [N, B, d]."""
+        _, prototypes = combined_prototypes(support, support_labels, selection, combination)
+        return cls(prototypes, selection, combination, cosine_eps, **common)
+
+    @property
+    def num_backbones(self) -> int:
+        return self.selection.shape[0]
+
+    @property
+    def backbone_dim(self) -> int:
+        """d, each backbone's feature size."""
+        parts = self.num_backbones if self.combination == "concatenate" else self.selection.shape[1]
+        return self.feature_dim // parts
+
+    def _query(self, query_features: torch.Tensor | np.ndarray) -> torch.Tensor:
+        expected = (self.num_backbones, self.backbone_dim)
+        return as_feature_stack(query_features, "query_features", expected).to(self.prototypes)
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        return combine_backbones(features.to(self.prototypes), self.selection, self.combination)
+
+    def score(self, query: torch.Tensor) -> torch.Tensor:
+        return self.scale * cosine_matrix(self.combine(query), self.prototypes, self.cosine_eps)
+
+    def embedding_space(self) -> str:
+        return "the backbones' normalised features, weighted and " + (
+            "concatenated" if self.combination == "concatenate" else "summed per head"
+        )
+
+    def view(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.combine(image_features), self.prototypes
+
+    def rule_metadata(self) -> dict[str, Any]:
+        return {
+            "combination": self.combination,
+            "cosine_eps": self.cosine_eps,
+            "backbone_set": self.backbone_set,
+        }
+
+    @classmethod
+    def from_stored(cls, tensors, metadata, **common):
+        return cls(
+            common.pop("prototypes"),
+            tensors["selection"],
+            combination=metadata["combination"],
+            cosine_eps=metadata["cosine_eps"],
+            backbone_set=metadata.get("backbone_set"),
+            **common,
+        )
+
+    def shape_problem(self) -> str | None:
+        if self.combination not in BACKBONE_COMBINATIONS:
+            return f"its combination {self.combination!r} is not one of {BACKBONE_COMBINATIONS}"
+        if self.prototypes.ndim != 2 or self.selection.ndim != 2:
+            return "its prototypes or selection are not matrices"
+        parts = self.num_backbones if self.combination == "concatenate" else self.selection.shape[1]
+        if self.combination == "concatenate" and self.selection.shape[1] != 1:
+            return f"a concatenating selection has shape {tuple(self.selection.shape)}, not [backbones, 1]"
+        if self.feature_dim % parts:
+            return f"its {self.feature_dim}-d prototypes do not split into {parts} equal parts"
         return None
 
 
@@ -859,6 +970,7 @@ def push_artifact(
 __all__ = [
     "ARTIFACT_FILES",
     "AdaptedHead",
+    "BackboneWeightsHead",
     "HEAD_KINDS",
     "LinearHead",
     "MahalanobisHead",

@@ -343,8 +343,9 @@ class TaskResult:
 
 
 def methods() -> dict[str, str]:
-    """The methods a user can pick, default first, with what each one learns (from the learner registry)."""
-    return method_descriptions()
+    """The methods a user can pick, default first, with what each one learns (from the learner registry);
+    the Space holds one backbone, so the several-backbone methods (sur, urt) are not among them."""
+    return method_descriptions(one_backbone=True)
 
 
 def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparameters: Any) -> TaskResult:

@@ -39,6 +39,45 @@ def cosine_scores(queries: torch.Tensor, prototypes: torch.Tensor, scale: float)
     return scale * queries @ prototypes.transpose(1, 2)
 
 
+def cosine_matrix(queries: torch.Tensor, prototypes: torch.Tensor, eps: float) -> torch.Tensor:
+    """cos(q, p) for every pair, [Q, D] x [C, D] -> [Q, C], as `F.cosine_similarity(q[:, None], p[None],
+    dim=-1, eps=eps)` (each norm floored at eps) computes it, without its [Q, C, D] intermediate."""
+    q = queries / torch.linalg.vector_norm(queries, dim=-1, keepdim=True).clamp_min(eps)
+    p = prototypes / torch.linalg.vector_norm(prototypes, dim=-1, keepdim=True).clamp_min(eps)
+    return q @ p.T
+
+
+BACKBONE_COMBINATIONS = ("concatenate", "sum")
+
+
+def combine_backbones(features: torch.Tensor, weights: torch.Tensor, combination: str) -> torch.Tensor:
+    """Several backbones' features [N, B, d] weighted by `weights` [B, H], as one vector per image.
+
+    "concatenate" (SUR, dvornikita/SUR models/sur.py `apply_selection`, H = 1): each backbone's vector divided
+    by its norm (no floor), times its weight, concatenated in SUR's order, `torch.stack(..., -1)` then
+    reshape: element j of every backbone, then element j + 1 -> [N, d * B].
+    "sum" (URT, liulu112601/URT fast-exps/lib/models/new_prop_prototype.py `apply_urt_avg_selection`): each
+    vector `F.normalize`d, then per head h the weighted sum over backbones, heads side by side -> [N, H * d].
+    """
+    if combination == "concatenate":
+        unit = features / features.square().sum(-1, keepdim=True).sqrt()
+        return (unit.transpose(1, 2) * weights[:, 0]).reshape(len(features), -1)
+    if combination == "sum":
+        unit = F.normalize(features, dim=-1)
+        heads = [(weights[:, h].view(1, -1, 1) * unit).sum(dim=1) for h in range(weights.shape[1])]
+        return torch.stack(heads, dim=1).reshape(len(features), -1)
+    raise ValueError(f"combination must be one of {BACKBONE_COMBINATIONS}, got {combination!r}")
+
+
+def combined_prototypes(
+    features: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, combination: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combined features, their class means) of one support set [N, B, d] with labels 0..C-1."""
+    combined = combine_backbones(features, weights, combination)
+    one_hot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1, combined.dtype)
+    return combined, class_means(combined.unsqueeze(0), one_hot)[0]
+
+
 def ncc_loss(logits: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per episode [B] of [B, N, C] logits; absent classes and padded rows ignored."""
     return summed_cross_entropy(logits, one_hot) / one_hot.sum(dim=(1, 2))

@@ -517,6 +517,12 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
             pretrained_model_name_or_path, revision=revision, token=token, subfolder=subfolder, **hub
         )
         artifact = heads.read_artifact(folder)
+        if artifact.head.feature_kind == "backbones":
+            raise CopaValueError(
+                f"{str(pretrained_model_name_or_path)!r} holds a {artifact.head.method} head for a set of "
+                f"{artifact.head.num_backbones} backbones ({artifact.base_model.name_or_path!r}); load it "
+                "with CopaBackboneSet.from_pretrained(...), then this head with its load_head(...)."
+            )
         if base_model is None:
             base_model = _fetch_base_model(artifact, token=token, **hub, **kwargs)
         elif not isinstance(base_model, CopaModel):

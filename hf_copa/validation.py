@@ -60,65 +60,82 @@ def check_number(name: str, value: Any, *, minimum: float | None = None, positiv
     return float(value)
 
 
+def _as_tensor(value: Any, name: str, shape: str) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise CopaTypeError(
+            f"{name} must be a torch.Tensor or numpy array of shape {shape}, got {type(value).__name__}."
+        )
+    return value
+
+
+def _usable(value: torch.Tensor, name: str, empty: str) -> torch.Tensor:
+    """Non-empty, autograd-able (not an inference tensor), floating point."""
+    if value.shape[0] == 0:
+        raise CopaValueError(f"{name} is empty: {empty}.")
+    if value.is_inference():
+        value = value.clone()  # inference tensors cannot take part in autograd
+    return value if value.is_floating_point() else value.to(torch.float32)
+
+
+def _check_finite(value: torch.Tensor, name: str, items: str, advice: str) -> torch.Tensor:
+    if not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).flatten(1).any(dim=1).sum())
+        raise CopaValueError(f"{name} contain NaN or infinite values in {bad} {items}; {advice}.")
+    return value
+
+
 def as_feature_matrix(features: Any, name: str, expected_dim: int | None = None) -> torch.Tensor:
     """Check a [N, d] float feature matrix and return it as a tensor."""
-    if isinstance(features, np.ndarray):
-        features = torch.from_numpy(features)
-    if not isinstance(features, torch.Tensor):
-        raise CopaTypeError(
-            f"{name} must be a torch.Tensor or numpy array of shape [N, d], got {type(features).__name__}."
-        )
+    features = _as_tensor(features, name, "[N, d]")
     if features.ndim != 2:
         raise CopaValueError(f"{name} must have shape [N, d], got shape {tuple(features.shape)}.")
-    if features.shape[0] == 0:
-        raise CopaValueError(f"{name} is empty: give at least one feature vector.")
-    if features.is_inference():
-        features = features.clone()  # inference tensors cannot take part in autograd
-    if not features.is_floating_point():
-        features = features.to(torch.float32)
+    features = _usable(features, name, "give at least one feature vector")
     if expected_dim is not None and features.shape[1] != expected_dim:
         raise CopaValueError(
             f"{name} have dimension {features.shape[1]} but the head was fitted on {expected_dim}-d "
             "features; use features from the same backbone."
         )
-    if not torch.isfinite(features).all():
-        bad = int((~torch.isfinite(features)).any(dim=1).sum())
-        raise CopaValueError(
-            f"{name} contain NaN or infinite values in {bad} row(s); check the feature extractor."
-        )
-    return features
+    return _check_finite(features, name, "row(s)", "check the feature extractor")
 
 
 def as_feature_maps(maps: Any, name: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
     """Check [N, d, h, w] float feature maps (a backbone's last stage before pooling); `expected` is
     (d, h, w) when a head was fitted on maps of that shape."""
-    if isinstance(maps, np.ndarray):
-        maps = torch.from_numpy(maps)
-    if not isinstance(maps, torch.Tensor):
-        raise CopaTypeError(
-            f"{name} must be a torch.Tensor or numpy array of shape [N, d, h, w], got {type(maps).__name__}."
-        )
+    maps = _as_tensor(maps, name, "[N, d, h, w]")
     if maps.ndim != 4:
         hint = " (pooled features; this method needs the maps before pooling)" if maps.ndim == 2 else ""
         raise CopaValueError(
             f"{name} must be feature maps of shape [N, d, h, w]{hint}, got shape {tuple(maps.shape)}; "
             "extract them with CopaModel.extract_features(images, spatial=True)."
         )
-    if maps.shape[0] == 0:
-        raise CopaValueError(f"{name} is empty: give at least one feature map.")
-    if maps.is_inference():
-        maps = maps.clone()
-    if not maps.is_floating_point():
-        maps = maps.to(torch.float32)
+    maps = _usable(maps, name, "give at least one feature map")
     if expected is not None and tuple(maps.shape[1:]) != tuple(expected):
         raise CopaValueError(
             f"{name} have shape {tuple(maps.shape[1:])} per image but the head was fitted on maps of shape "
             f"{tuple(expected)}; use maps from the same backbone at the same image size."
         )
-    if not torch.isfinite(maps).all():
-        bad = int((~torch.isfinite(maps)).flatten(1).any(dim=1).sum())
-        raise CopaValueError(f"{name} contain NaN or infinite values in {bad} map(s); check the extractor.")
-    return maps
+    return _check_finite(maps, name, "map(s)", "check the extractor")
+
+
+def as_feature_stack(features: Any, name: str, expected: tuple[int, int] | None = None) -> torch.Tensor:
+    """Check [N, B, d] float features of B backbones (a `CopaBackboneSet`'s); `expected` is (B, d) when a
+    head was fitted on features of that shape."""
+    features = _as_tensor(features, name, "[N, B, d]")
+    if features.ndim != 3:
+        hint = " (one backbone's features; this method combines several)" if features.ndim == 2 else ""
+        raise CopaValueError(
+            f"{name} must be features of several backbones, shape [N, B, d]{hint}, got shape "
+            f"{tuple(features.shape)}; extract them with CopaBackboneSet.extract_features(images)."
+        )
+    features = _usable(features, name, "give at least one image's features")
+    if expected is not None and tuple(features.shape[1:]) != tuple(expected):
+        raise CopaValueError(
+            f"{name} have shape {tuple(features.shape[1:])} per image (backbones, dim), the head was fitted "
+            f"on {tuple(expected)}; use features of the same backbone set."
+        )
+    return _check_finite(features, name, "row(s)", "check the extractor")
 
 
 def as_label_vector(labels: Any, num_examples: int, examples: str = "support features") -> torch.Tensor:

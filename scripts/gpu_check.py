@@ -144,6 +144,8 @@ def learner_rows(
         cls = learner_class(method)
         if cls.needs_backbone:
             continue  # TSA learners adapt on images: timed below
+        if cls.feature_kind == "backbones":
+            continue  # sur, urt: several backbones' features (scripts/benchmark_backbone_set.py)
         tables, timed_episodes = (on_maps, map_episodes) if cls.feature_kind == "maps" else (pooled, episodes)
         singles = timed_episodes[: args.single_episodes]
         learner = get_learner(method)

@@ -175,6 +175,7 @@ def test_every_hyperparameter_a_learner_declares_is_a_cli_flag():
     assert declared == {
         "steps", "lr", "weight_decay", "tau", "scale", "lr_beta", "adapter_lr_scale",
         "optimizer", "classifier", "weight_norm", "seed", "beta", "heads", "blocks",
+        "lr_times_classes", "urt_head",
     }  # fmt: skip
     assert declared <= flags
     args = build_parser().parse_args(
@@ -213,6 +214,7 @@ def test_the_readme_method_table_matches_the_registry():
     table = readme_method_table()
     assert set(table) == set(hf_copa.available_methods())
     for method, (defaults, presets) in table.items():
-        expected = {k: _as_listed(v) for k, v in hf_copa.ADAPTATION_DEFAULTS[method].items()}
+        # A default of None is a required setting (urt's trained layer), listed without a value.
+        expected = {k: _as_listed(v) for k, v in hf_copa.ADAPTATION_DEFAULTS[method].items() if v is not None}
         assert defaults == expected, method
         assert presets == set(hf_copa.ADAPTATION_PRESETS[method]), method

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,33 @@ def test_only_user_errors_become_a_clean_exit_and_a_bug_keeps_its_traceback(monk
     monkeypatch.setattr(cli, "_classify", bug)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["demo"])
+
+
+def test_the_readmes_several_backbone_commands_run_as_written(datasets_dir, tmp_path):
+    """Stand-in sdl checkpoints -> convert -> bundle -> sur -> train-urt -> sur + urt, in bash from the
+    repository root; only runs/ (to a temporary folder), the shared datasets' place and the episode
+    counts are changed."""
+    import os
+    import subprocess
+    import sys
+
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"<!-- several-backbones:start -->\n```bash\n(.+?)\n```", text, re.S).group(1)
+    script = block.replace("runs/", f"{tmp_path}/runs/").replace("../shared/datasets/", f"{datasets_dir}/")
+    script = re.sub(r"--episodes \d+", "--episodes 3", script)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "HF_COPA_CACHE": str(tmp_path / "cache")}
+    env |= {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (
+        "wrote" in done.stdout
+        and "8 backbones (ilsvrc_2012, omniglot, aircraft, cu_birds, dtd" in done.stdout
+    )
+    tables = [line for line in done.stdout.splitlines() if line.startswith("| mnist |")]
+    assert [t.count("±") for t in tables] == [1, 2]  # sur alone, then sur and urt
+    layer = json.loads((tmp_path / "runs" / "urt" / "urt_config.json").read_text())
+    assert layer["num_backbones"] == 8 and layer["training"]["episodes"] == 3

@@ -129,7 +129,11 @@ def check_gpu(out: dict) -> None:
     from hf_copa.learners import available_methods, learner_class
 
     assert out["quick"] is True and out["device"]["type"] == "cpu" and out["protocol"] == "5-way-1-shot"
-    feature_learners = [m for m in available_methods() if not learner_class(m).needs_backbone]
+    feature_learners = [
+        m
+        for m in available_methods()
+        if not learner_class(m).needs_backbone and learner_class(m).feature_kind != "backbones"
+    ]
     assert [r["method"] for r in out["learners"]] == feature_learners
     for row in out["learners"]:
         assert row["seconds_per_episode_batched"] > 0 and row["seconds_per_episode_one_by_one"] > 0
@@ -141,6 +145,29 @@ def check_gpu(out: dict) -> None:
     }
     assert all(r["images_per_s"] > 0 for r in out["extraction"]) and out["tsa"]["seconds_per_episode"] > 0
     assert out["matmul_peak_gflops"]["float32"] > 0
+
+
+def check_backbone_set(out: dict) -> None:
+    assert out["machine"]["quick"] is True and out["machine"]["threads"] == 1
+    assert [r["method"] for r in out["rows"]] == ["copa", "sur", "urt", "urt (training step)"]
+    assert all(r["ms_per_episode"] > 0 for r in out["rows"]) and out["rows"][1]["backbones"] == 3
+    cache = out["cache"]
+    assert 2048 <= cache["bytes_per_row_per_backbone"] < 2200  # 512 float32 values (+ the row number)
+    assert cache["disk_gb_1m_rows"] == pytest.approx(
+        cache["bytes_per_row_per_backbone"] * 3e6 / 1e9, rel=1e-2
+    )
+    urt = out["urt_training"]
+    assert set(urt["processes"]) == {"1", "2"} and urt["same_losses"] is True
+    assert urt["max_abs_layer_difference"] < 1e-5
+
+
+def check_sdl_standins(out: dict) -> None:
+    from hf_copa.conversion import URL_TRAINING_DOMAINS, load_url_checkpoint
+
+    assert out["quick"] is True and out["width"] == 4 and list(out["files"]) == list(URL_TRAINING_DOMAINS)
+    for source, entry in out["files"].items():
+        checkpoint = load_url_checkpoint(entry["path"])  # the converter's own reading: URL's sdl layout
+        assert checkpoint.training_domains == (source,) and checkpoint.domain_classifier_sizes[0] > 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,7 @@ CASES: dict[str, Case] = {
         lambda out: ["--threads", "1", "--reference-dir", str(SHARED_DIR / "reference"), "--json", str(out)],
         check_adaptation,
     ),
+    "benchmark_backbone_set": Case(lambda out: ["--threads", "1", "--json", str(out)], check_backbone_set),
     "benchmark_evaluation": Case(
         lambda out: ["--dataset", str(SHARED_DIR / "datasets" / "mnist"), "--json", str(out)],
         check_evaluation,
@@ -166,6 +194,9 @@ CASES: dict[str, Case] = {
     "benchmark_official_episodes": Case(lambda out: ["--json", str(out)], check_official_episodes),
     "benchmark_space": Case(lambda out: ["--json", str(out)], check_space),
     "benchmark_tsa": Case(lambda out: ["--threads", "1", "--json", str(out)], check_tsa),
+    "make_sdl_standins": Case(
+        lambda out: ["--output", str(out.parent / "standins"), "--json", str(out)], check_sdl_standins
+    ),
     "gpu_check": Case(lambda out: ["--device", "cpu", "--threads", "1", "--json", str(out)], check_gpu),
     "tsa_fidelity_study": Case(
         lambda out: ["--reference-dir", str(SHARED_DIR / "reference"), "--json", str(out)],

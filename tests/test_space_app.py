@@ -37,6 +37,7 @@ from hf_copa.interactive import (
     example_tasks,
     load_image,
 )
+from hf_copa.learners import one_backbone_methods
 from hf_copa.pretrained import load_model
 from tests.support.local_hub import LocalHub
 
@@ -367,7 +368,7 @@ def test_the_after_view_is_what_the_classifier_compares(method):
         assert after.gap != pytest.approx(before.gap)
 
 
-@pytest.mark.parametrize("method", hf_copa.available_methods())
+@pytest.mark.parametrize("method", one_backbone_methods())
 def test_a_request_embeds_each_image_at_most_twice(method):
     """run_task goes through adapt_to_task once: feature learners embed each image once (the views reuse the
     features), backbone learners once plain (the "before" view) and once adapted (logits, "after" view).
@@ -717,7 +718,7 @@ def test_the_page_is_served_on_localhost(space):
     assert config["enable_queue"] is True
 
 
-@pytest.mark.parametrize("method", hf_copa.available_methods())
+@pytest.mark.parametrize("method", one_backbone_methods())
 def test_classifies_real_images(client, space, real_task, model, method):
     classes = list(real_task.support.items())
     out = classify(client, classes, real_task.queries, method)

@@ -148,6 +148,11 @@ def analyze(
             f"No gap to analyse: {', '.join(methods)} learn no linear map of images and prototypes; add one "
             f"of {', '.join(analysable)} (the others are then timed and scored beside it)."
         )
+    if callable(getattr(model, "feature_members", None)):
+        raise CopaValueError(
+            "The analyses measure one backbone's prototype-image gap; pass one backbone, not a backbone set "
+            "(evaluate several-backbone methods with `hf-copa evaluate`)."
+        )
     source = EpisodeSource(model, **episode_options)
     num_episodes = check_int("num_episodes", source.num_episodes, 1)
     check_int("cluster_episode", cluster_episode, 0)

@@ -8,8 +8,10 @@ from . import (  # noqa: F401  (each registers itself)
     mahalanobis,
     ncc,
     proto_maml,
+    sur,
     tsa,
     url,
+    urt,
 )
 from .base import BackboneLearner, Learner
 from .registry import (
@@ -18,6 +20,7 @@ from .registry import (
     available_methods,
     get_learner,
     learner_class,
+    one_backbone_methods,
     register_learner,
 )
 
@@ -29,5 +32,6 @@ __all__ = [
     "available_methods",
     "get_learner",
     "learner_class",
+    "one_backbone_methods",
     "register_learner",
 ]

@@ -22,6 +22,7 @@ from ..validation import (
     CopaValueError,
     as_feature_maps,
     as_feature_matrix,
+    as_feature_stack,
     as_label_vector,
     as_pixel_values,
 )
@@ -34,6 +35,7 @@ HYPERPARAMETER_RULES: dict[str, str] = {
     "blocks": "a positive integer",
     "lr": "a finite positive number",
     "lr_beta": "a finite positive number",
+    "lr_times_classes": "a finite positive number",
     "scale": "a finite positive number",
     "adapter_lr_scale": "a finite positive number",
     "beta": "a finite positive number",
@@ -42,6 +44,7 @@ HYPERPARAMETER_RULES: dict[str, str] = {
     "optimizer": "one of 'adam', 'gd'",
     "classifier": "one of 'linear', 'cosine'",
     "weight_norm": "true or false",
+    "urt_head": "a folder or Hub id (a string)",
 }
 
 
@@ -50,6 +53,8 @@ def _obeys(rule: str, value: Any) -> bool:
         return isinstance(value, str) and f"'{value}'" in rule.removeprefix("one of ").split(", ")
     if rule == "true or false":
         return isinstance(value, bool)
+    if rule == "a folder or Hub id (a string)":
+        return value is None or (isinstance(value, str) and bool(value))  # None: required when fitting
     integer = isinstance(value, int) and not isinstance(value, bool)
     if rule == "a non-negative integer":
         return integer and value >= 0
@@ -78,8 +83,9 @@ class Learner:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # True for learners that put parameters inside the backbone (TSA): they adapt on images.
     needs_backbone: ClassVar[bool] = False
-    # What a feature learner fits on: "pooled" features [N, d], or the last stage's "maps" [N, d, h, w]
-    # before pooling (CoPA's transformer head); evaluation extracts and caches maps only for the latter.
+    # What a feature learner fits on: "pooled" features [N, d], the last stage's "maps" [N, d, h, w]
+    # before pooling (CoPA's transformer head; evaluation extracts and caches maps only for it), or
+    # "backbones": a `CopaBackboneSet`'s [N, B, d] (SUR, URT).
     feature_kind: ClassVar[str] = "pooled"
     # The linear maps the head applies before its cosine rule: "shared" (one Θ for images and prototypes),
     # "separate" (Θ_I and Θ_P), or None (no learned map); what `hf_copa.analysis` can analyse.
@@ -151,6 +157,22 @@ class Learner:
         head = self.fit_batch(features.unsqueeze(0), labels.unsqueeze(0), int(labels.max()) + 1)[0]
         return self.check_converged([head])[0]
 
+    def check_model(self, model: Any) -> None:
+        """Refuse a model this learner cannot use: a backbone set for a one-backbone method, and one backbone
+        for a method that combines several (URT also checks the set its layer was trained on)."""
+        several = callable(getattr(model, "feature_members", None))
+        if several and self.feature_kind != "backbones":
+            raise CopaValueError(
+                f"{self.name!r} works on one backbone, but the model is a set of "
+                f"{len(model.feature_members())} backbones; use a several-backbone method (sur, urt) on the "
+                "set, or pass one of its backbones."
+            )
+        if not several and self.feature_kind == "backbones":
+            raise CopaValueError(
+                f"{self.name!r} combines several backbones, but the model is one backbone; pass a backbone "
+                "set (CopaBackboneSet, written by `hf-copa bundle`)."
+            )
+
     def observed(self, image_map: torch.Tensor, prototype_map: torch.Tensor) -> Callable[[int], None] | None:
         """`run_steps`' `after_step` that shows these maps to `step_observer`, or None without one."""
         observer = self.step_observer
@@ -193,9 +215,12 @@ class Learner:
     def check_features(
         cls, features: Any, name: str, expected: tuple[int, ...] | None = None
     ) -> torch.Tensor:
-        """The features this learner fits on, checked: [N, d], or maps [N, d, h, w] (feature_kind "maps")."""
+        """The features this learner fits on, checked: [N, d], maps [N, d, h, w] (feature_kind "maps"), or
+        several backbones' [N, B, d] (feature_kind "backbones")."""
         if cls.feature_kind == "maps":
             return as_feature_maps(features, name, expected)
+        if cls.feature_kind == "backbones":
+            return as_feature_stack(features, name, expected)
         return as_feature_matrix(features, name, None if expected is None else expected[0])
 
     def fit_images(self, backbone: nn.Module, pixel_values: torch.Tensor, support_labels: Any) -> AdaptedHead:

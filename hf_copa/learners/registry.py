@@ -37,6 +37,12 @@ def available_methods() -> list[str]:
     return sorted(_LEARNERS)
 
 
+def one_backbone_methods() -> list[str]:
+    """Every registered method that adapts on one backbone (not on a `CopaBackboneSet`'s [N, B, d]), sorted:
+    what a single `CopaModel`, the Space and `pipeline` can use."""
+    return [m for m in available_methods() if getattr(_LEARNERS[m], "feature_kind", "pooled") != "backbones"]
+
+
 def learner_class(method: str) -> type:
     """The class registered as `method`; a `CopaValueError` naming the known methods otherwise."""
     if method not in _LEARNERS:
@@ -54,9 +60,11 @@ def get_learner(
     return learner_class(method)(preset=preset, config_overrides=config_overrides, **hyperparameters)
 
 
-def method_descriptions() -> dict[str, str]:
-    """Method -> its one-line description, the default method first (the Space lists them so)."""
-    order = sorted(_LEARNERS, key=lambda name: (name != DEFAULT_METHOD, name))
+def method_descriptions(one_backbone: bool = False) -> dict[str, str]:
+    """Method -> its one-line description, the default method first (the Space lists them so); with
+    `one_backbone`, only the methods a single backbone serves."""
+    names = one_backbone_methods() if one_backbone else list(_LEARNERS)
+    order = sorted(names, key=lambda name: (name != DEFAULT_METHOD, name))
     return {name: getattr(_LEARNERS[name], "description", "") or name for name in order}
 
 

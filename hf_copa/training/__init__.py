@@ -17,6 +17,8 @@ _HOMES = {
     "TRAINING_LOG_FILE": "checkpoints",
     "TrainingConfig": "config",
     "TrainingResult": "loop",
+    "URTTrainingConfig": "config",
+    "train_urt": "urt",
     "augment": "data",
     "batch_rows": "data",
     "cka_loss": "networks",

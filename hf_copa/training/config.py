@@ -119,3 +119,48 @@ class TrainingConfig:
             "image_size": self.image_size,
         }
         return CopaConfig(**{key: value for key, value in shape.items() if value is not None})
+
+
+@dataclass
+class URTTrainingConfig:
+    """How URT's layer is trained (`hf_copa.training.urt`); the defaults are the official run's
+    (liulu112601/URT fast-scripts/urt-avg-head.sh)."""
+
+    sources: list[str] = field(
+        default_factory=list
+    )  # PATH_OR_ID[:SPLIT] (default split: train), first = ImageNet
+    episodes: int = 10_000
+    heads: int = 2
+    hidden_dim: int = 1024
+    penalty: float = 0.1
+    lr: float = 1e-2
+    weight_decay: float = 1e-5
+    temperature: float = 10.0
+    attention_temperature: float = 1.0
+    protocol: str = "meta-dataset"
+    first_source_probability: float = 0.5
+    episodes_per_step: int = 1
+    seed: int = 0
+    log_every: int = 100
+    image_column: str = "image"
+    label_column: str = "label"
+
+    def check(self) -> None:
+        if len(self.sources) < 1:
+            raise CopaValueError("URT training needs at least one training source (--dataset PATH).")
+        for name in ("episodes", "heads", "hidden_dim", "episodes_per_step", "log_every"):
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        for name in ("lr", "temperature", "attention_temperature"):
+            check_number(name, getattr(self, name), positive=True)
+        for name in ("penalty", "weight_decay"):
+            check_number(name, getattr(self, name), minimum=0.0)
+        if not 0 <= self.first_source_probability <= 1:
+            raise CopaValueError(
+                f"first_source_probability must be in [0, 1], got {self.first_source_probability!r}."
+            )
+        if self.episodes % self.episodes_per_step:
+            raise CopaValueError(
+                f"episodes ({self.episodes}) must be a multiple of "
+                f"episodes_per_step ({self.episodes_per_step})."
+            )

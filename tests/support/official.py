@@ -11,6 +11,7 @@ and the learners in float64, where round-off cannot steer the trajectories apart
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -506,3 +507,333 @@ def official_copa_transformer(
         optimizer.step()
     with torch.no_grad():
         return np.array(losses), cosine_logits(feature_encoder(query_maps), prototype_encoder(prototypes))
+
+
+# --- SUR (dvornikita/SUR, commit 2c3c5781) ----------------------------------------------------------------
+# Features come as the official dicts, backbone name -> [N, d], in the set's order. Everything runs in the
+# features' dtype (the official lambdas are float32, `torch.zeros` on `device`), so float64 runs are possible.
+
+
+def official_sur_cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor):
+    """`models/losses.py::cross_entropy_loss` (l. 9-17): the mean NLL of the log-softmax, with the stats dict
+    (loss, accuracy) and the predictions dict."""
+    log_p_y = F.log_softmax(logits, dim=1)
+    preds = log_p_y.argmax(1)
+    labels = targets.type(torch.long)
+    loss = F.nll_loss(log_p_y, labels, reduction="mean")
+    acc = torch.eq(preds, labels).float().mean()
+    stats_dict = {"loss": loss.item(), "acc": acc.item()}
+    pred_dict = {"preds": preds.cpu().numpy(), "labels": labels.cpu().numpy()}
+    return loss, stats_dict, pred_dict
+
+
+def official_sur_compute_prototypes(
+    embeddings: torch.Tensor, labels: torch.Tensor, n_way: int
+) -> torch.Tensor:
+    """`models/losses.py::compute_prototypes` (l. 37-42): class by class through `nonzero()` indices
+    ([k, 1], so each mean is [1, D], broadcast into its row)."""
+    prots = torch.zeros(n_way, embeddings.shape[-1]).type(embeddings.dtype).to(embeddings.device)
+    for i in range(n_way):
+        prots[i] = embeddings[(labels == i).nonzero(), :].mean(0)
+    return prots
+
+
+def official_sur_prototype_logits(
+    support_embeddings: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_embeddings: torch.Tensor,
+    query_labels: torch.Tensor,
+) -> torch.Tensor:
+    """The logits `models/losses.py::prototype_loss` (l. 20-30, distance='cos') builds: n_way from the
+    *query* labels (l. 22), 10 * `F.cosine_similarity(..., eps=1e-30)` against the class means (l. 30)."""
+    n_way = len(query_labels.unique())
+    prots = official_sur_compute_prototypes(support_embeddings, support_labels, n_way).unsqueeze(0)
+    embeds = query_embeddings.unsqueeze(1)
+    return F.cosine_similarity(embeds, prots, dim=-1, eps=1e-30) * 10
+
+
+def official_sur_prototype_loss(
+    support_embeddings: torch.Tensor,
+    support_labels: torch.Tensor,
+    query_embeddings: torch.Tensor,
+    query_labels: torch.Tensor,
+):
+    """`models/losses.py::prototype_loss` (l. 20-34) with distance='cos': `cross_entropy_loss` (l. 34) of
+    those logits; returns (loss, stats, predictions) as the official function does."""
+    logits = official_sur_prototype_logits(support_embeddings, support_labels, query_embeddings, query_labels)
+    return official_sur_cross_entropy_loss(logits, query_labels)
+
+
+def official_apply_selection(
+    features_dict: dict[str, torch.Tensor], lambdas: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
+    """`models/sur.py::apply_selection` (l. 9-20): sigmoid of the lambdas (`models/model_utils.py` l. 13,
+    `sigmoid = nn.Sigmoid()`), each backbone's features divided by their norm (no floor), stacked on a new
+    last axis ([N, d, B]), weighted and flattened: element j of every backbone, then element j + 1."""
+    lambdas_01 = torch.sigmoid(lambdas)
+    features_list = list(features_dict.values())
+    if normalize:
+        features_list = [f / (f**2).sum(-1, keepdim=True).sqrt() for f in features_list]
+    n_cont = features_list[0].shape[0]
+    concat_feat = torch.stack(features_list, -1)
+    return (concat_feat * lambdas_01).reshape([n_cont, -1])
+
+
+def official_sur(
+    context_features_dict: dict[str, torch.Tensor], context_labels: torch.Tensor, max_iter: int = 40
+) -> tuple[torch.Tensor, list[float]]:
+    """`models/sur.py::sur` (l. 23-40): lambdas zeros [1, 1, B] (in the features' dtype here), Adadelta at
+    lr 3000 / number of classes (PyTorch's rho and eps), `max_iter` steps on the support set's
+    `prototype_loss` against itself. Returns (lambdas [1, 1, B], each step's loss, which the official loop
+    computes and discards)."""
+    dtype = next(iter(context_features_dict.values())).dtype
+    lambdas = torch.zeros([1, 1, len(context_features_dict)], dtype=dtype)
+    lambdas.requires_grad_(True)
+    n_classes = len(np.unique(context_labels.cpu().numpy()))
+    optimizer = torch.optim.Adadelta([lambdas], lr=(3e3 / n_classes))
+    losses = []
+    for _ in range(max_iter):
+        optimizer.zero_grad()
+        selected_features = official_apply_selection(context_features_dict, lambdas)
+        loss, stat, _ = official_sur_prototype_loss(
+            selected_features, context_labels, selected_features, context_labels
+        )
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+    return lambdas, losses
+
+
+def official_sur_test_episode(
+    context_features_dict: dict[str, torch.Tensor],
+    context_labels: torch.Tensor,
+    target_features_dict: dict[str, torch.Tensor],
+    target_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, float, list[float]]:
+    """One episode of `test.py::main` (l. 56-63): `sur(..., max_iter=40)`, `apply_selection` of context and
+    target with the fitted lambdas, `prototype_loss(selected_context, ..., selected_target, ...)`.
+    Returns (lambdas [1, 1, B], the target logits that loss scores, its accuracy, the per-step losses)."""
+    selection_params, losses = official_sur(context_features_dict, context_labels, max_iter=40)
+    with torch.no_grad():
+        selected_context = official_apply_selection(context_features_dict, selection_params)
+        selected_target = official_apply_selection(target_features_dict, selection_params)
+        logits = official_sur_prototype_logits(
+            selected_context, context_labels, selected_target, target_labels
+        )
+        final_acc = official_sur_prototype_loss(
+            selected_context, context_labels, selected_target, target_labels
+        )[1]["acc"]
+    return selection_params.detach(), logits, final_acc, losses
+
+
+# --- URT (liulu112601/URT, commit edc551f2) ---------------------------------------------------------------
+# Features are the official cached [N, n_extractors, d] tensors. `torch.nn.DataParallel` (urt-avg-head.py
+# l. 156) is left out: on one device it calls the module, and on several it splits the classes, each scored
+# on its own, so the result is the same. Everything runs in the module's / features' dtype.
+
+
+class OfficialURTPropagation(nn.Module):
+    """`fast-exps/lib/models/new_prop_prototype.py::URTPropagation` (l. 39-89): linear_q (query_dim ->
+    hid_dim) of the flattened class prototype, linear_k (key_dim -> hid_dim) of each extractor's part, both
+    with bias, weights redrawn from N(0, 0.001^2) (l. 50-52; biases keep nn.Linear's default); score =
+    softmax over extractors of temp * (cosine, or dot product / sqrt(fea_dim), fea_dim being d, l. 85).
+
+    Left out: `linear_v_w` (l. 45-46, eight identity matrices, which hard-codes 8 extractors) and
+    `forward_transform` (l. 54-72), its only user. `urt-avg-head.py` never passes a `transform` to
+    `apply_urt_avg_selection` (l. 87-88, 193-194), so `linear_v_w` gets no gradient and Adam never updates
+    or decays it; building it takes no random numbers (`torch.eye`), so the initialisation draws the same
+    numbers in the same order without it. The number of extractors is then free (query_dim / key_dim)."""
+
+    def __init__(
+        self, key_dim: int, query_dim: int, hid_dim: int, temp: float = 1, att: str = "cosine"
+    ) -> None:
+        super().__init__()
+        self.linear_q = nn.Linear(query_dim, hid_dim, bias=True)
+        self.linear_k = nn.Linear(key_dim, hid_dim, bias=True)
+        self.temp = temp
+        self.att = att
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data.normal_(0, 0.001)
+
+    def forward(self, cat_proto: torch.Tensor) -> torch.Tensor:
+        n_class, n_extractors, fea_dim = cat_proto.shape
+        q = cat_proto.view(n_class, -1)
+        k = cat_proto
+        q_emb = self.linear_q(q)
+        k_emb = self.linear_k(k)
+        if self.att == "cosine":
+            raw_score = F.cosine_similarity(
+                q_emb.view(n_class, 1, -1), k_emb.view(n_class, n_extractors, -1), dim=-1
+            )
+        elif self.att == "dotproduct":
+            raw_score = torch.sum(
+                q_emb.view(n_class, 1, -1) * k_emb.view(n_class, n_extractors, -1), dim=-1
+            ) / (math.sqrt(fea_dim))
+        else:
+            raise ValueError(f"invalid att type : {self.att}")
+        return F.softmax(self.temp * raw_score, dim=1)
+
+
+class OfficialMultiHeadURT(nn.Module):
+    """`new_prop_prototype.py::MultiHeadURT` (l. 92-107): n_head `URTPropagation`s, scores stacked on a last
+    axis, [n_class, n_extractors, n_head]. `urt-avg-head.py` l. 155 builds it with key_dim=512,
+    query_dim=8*512, hid_dim=1024, temp=1, att="dotproduct"."""
+
+    def __init__(
+        self,
+        key_dim: int,
+        query_dim: int,
+        hid_dim: int,
+        temp: float = 1,
+        att: str = "cosine",
+        n_head: int = 1,
+    ) -> None:
+        super().__init__()
+        layers = []
+        for _ in range(n_head):
+            layer = OfficialURTPropagation(key_dim, query_dim, hid_dim, temp, att)
+            layers.append(layer)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, cat_proto: torch.Tensor) -> torch.Tensor:
+        score_lst = []
+        for layer in self.layers:
+            score = layer(cat_proto)
+            score_lst.append(score)
+        return torch.stack(score_lst, dim=-1)
+
+
+def official_get_lambda_urt_avg(
+    context_features: torch.Tensor,
+    context_labels: torch.Tensor,
+    num_labels: int,
+    model: nn.Module,
+    normalize=True,
+) -> torch.Tensor:
+    """`new_prop_prototype.py::get_lambda_urt_avg` (l. 123-134): `F.normalize`d features, class prototypes
+    by boolean masks, the model's scores averaged over classes: [n_extractors, n_head]."""
+    if normalize:
+        context_features = F.normalize(context_features, dim=-1)
+    proto_list = []
+    for label in range(num_labels):
+        proto = context_features[context_labels == label].mean(dim=0)
+        proto_list.append(proto)
+    proto = torch.stack(proto_list)
+    score_proto = model(proto)
+    return torch.mean(score_proto, dim=0)
+
+
+def official_apply_urt_avg_selection(
+    context_features: torch.Tensor, selection_params: torch.Tensor, normalize: bool, value: str = "sum"
+) -> torch.Tensor:
+    """`new_prop_prototype.py::apply_urt_avg_selection` (l. 136-158) with transform=None (the only way
+    urt-avg-head.py calls it): per head the weighted sum (value="sum") or the weighted features
+    (value="cat") of the `F.normalize`d features, stacked on axis 1 and flattened."""
+    selection_params = torch.transpose(selection_params, 0, 1)
+    n_samples, n_extractors, fea_dim = context_features.shape
+    urt_fea_lst = []
+    if normalize:
+        context_features = F.normalize(context_features, dim=-1)
+    for params in selection_params:
+        trans_features = context_features
+        if value == "sum":
+            urt_features = torch.sum(params.view(1, n_extractors, 1) * trans_features, dim=1)
+        elif value == "cat":
+            urt_features = params.view(1, n_extractors, 1) * trans_features
+        urt_fea_lst.append(urt_features)
+    return torch.stack(urt_fea_lst, dim=1).view(n_samples, -1)
+
+
+def official_get_cosine_logits(selected_target: torch.Tensor, proto: torch.Tensor, temp) -> torch.Tensor:
+    """`fast-exps/urt-avg-head.py::get_cosine_logits` (l. 61-65): temp * `F.cosine_similarity` (default
+    eps, 1e-8) of every target row with every prototype."""
+    n_query, feat_dim = selected_target.shape
+    n_classes, feat_dim = proto.shape
+    return temp * F.cosine_similarity(
+        selected_target.view(n_query, 1, feat_dim), proto.view(1, n_classes, feat_dim), dim=-1
+    )
+
+
+def official_urt_episode(
+    model: nn.Module,
+    cosine_temp: torch.Tensor,
+    context_features: torch.Tensor,
+    context_labels: torch.Tensor,
+    target_features: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared body of `urt-avg-head.py`'s `test_all_dataset` (l. 83-99) and training loop (l. 187-200):
+    n_classes from `np.unique`, the averaged lambdas, the selected context and target features, the class
+    means of the selected context, the cosine logits. Returns (logits [n_target, n_classes], lambdas)."""
+    n_classes = len(np.unique(context_labels.cpu().numpy()))
+    avg_urt_params = official_get_lambda_urt_avg(
+        context_features, context_labels, n_classes, model, normalize=True
+    )
+    urt_context_features = official_apply_urt_avg_selection(context_features, avg_urt_params, normalize=True)
+    urt_target_features = official_apply_urt_avg_selection(target_features, avg_urt_params, normalize=True)
+    proto_list = []
+    for label in range(n_classes):
+        proto = urt_context_features[context_labels == label].mean(dim=0)
+        proto_list.append(proto)
+    urt_proto = torch.stack(proto_list)
+    return official_get_cosine_logits(urt_target_features, urt_proto, cosine_temp), avg_urt_params
+
+
+def official_urt_test_logits(
+    model: nn.Module,
+    cosine_temp: torch.Tensor,
+    context_features: torch.Tensor,
+    context_labels: torch.Tensor,
+    target_features: torch.Tensor,
+) -> torch.Tensor:
+    """`urt-avg-head.py::test_all_dataset` on one episode (l. 69, 83-99): the model in eval mode, the
+    logits scored under `torch.no_grad()` (l. 98-99)."""
+    model.eval()
+    with torch.no_grad():
+        return official_urt_episode(model, cosine_temp, context_features, context_labels, target_features)[0]
+
+
+def official_urt_optimizer(
+    model: nn.Module, cosine_temp: torch.Tensor, lr: float, weight_decay: float, max_iter: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """`urt-avg-head.py::main` l. 159-163: Adam over the model's parameters and the cosine temperature (one
+    group, weight decay on all), `CosineAnnealingLR(T_max=max_iter)`."""
+    params = [p for p in model.parameters()] + [cosine_temp]
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer=optimizer, T_max=max_iter)
+    return optimizer, lr_scheduler
+
+
+def official_urt_penalty(avg_urt_params: torch.Tensor, n_head: int) -> torch.Tensor:
+    """`urt-avg-head.py` l. 191: `torch.pow(torch.norm(Lambda^T Lambda - I), 2)` (Frobenius norm)."""
+    return torch.pow(
+        torch.norm(torch.transpose(avg_urt_params, 0, 1) @ avg_urt_params - torch.eye(n_head)), 2
+    )
+
+
+def official_urt_train_step(
+    model: nn.Module,
+    cosine_temp: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    context_features: torch.Tensor,
+    context_labels: torch.Tensor,
+    target_features: torch.Tensor,
+    target_labels: torch.Tensor,
+    n_head: int,
+    penalty_coef: float,
+) -> torch.Tensor:
+    """One iteration of `urt-avg-head.py::main`'s training loop (l. 186-205): train mode, the episode's
+    logits, loss = cross-entropy + penalty_coef * penalty, zero_grad, backward, Adam step, scheduler step.
+    Returns the loss; each parameter's `.grad` still holds this step's gradient afterwards."""
+    model.train()
+    logits, avg_urt_params = official_urt_episode(
+        model, cosine_temp, context_features, context_labels, target_features
+    )
+    penalty = official_urt_penalty(avg_urt_params, n_head)
+    loss = F.cross_entropy(logits, target_labels) + penalty_coef * penalty
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    lr_scheduler.step()
+    return loss.detach()
