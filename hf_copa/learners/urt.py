@@ -24,6 +24,7 @@ artifact (`save_urt_layer` / `load_urt_layer`) pins the backbone set it was trai
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -267,7 +268,10 @@ class URTLearner(Learner):
                 f"x {expected[1]}-d features, these are {tuple(features.shape[2:])}; use the set it "
                 "was trained on."
             )
-        layer = layer.to(features.device, features.dtype)
+        parameter = layer.temperature
+        if (parameter.device, parameter.dtype) != (features.device, features.dtype):
+            # A converted copy: the loaded layer is cached and shared, and must stay as it was read.
+            layer = copy.deepcopy(layer).to(features.device, features.dtype)
         heads = []
         with torch.no_grad():
             for episode_features, episode_labels in zip(features, labels, strict=True):
