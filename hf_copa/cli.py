@@ -423,15 +423,22 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = _show_note  # hf_copa's warnings (skipped files, ...) as one-line notes
+        code = 1
         try:
             _set_threads(getattr(args, "threads", None))
-            return _run(args, argv)
+            code = _run(args, argv)
+            return code
         except (CopaError, ValueError, OSError) as err:  # what the user gave; anything else is a bug
             print(f"hf-copa: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("hf-copa: interrupted", file=sys.stderr)
             return 130
+        finally:
+            if "torch.distributed" in sys.modules:  # no torch imported, no process group to close
+                from .distributed import end_processes
+
+                end_processes(succeeded=code == 0)
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -219,6 +219,35 @@ def test_one_and_two_processes_write_identical_json(tiny_model_and_dataset, tmp_
     assert len(json.loads(double.read_text())["episode_accuracies"]["quickdraw_small"]["copa+tsa"]) == 10
 
 
+CLOSING_PROBE = """
+import sys
+import torch.distributed as dist
+from hf_copa.cli import main
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+code = main(sys.argv[2:])
+print(code, dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_the_cli_closes_a_launchs_process_group_on_success_and_on_error(
+    tiny_model_and_dataset, tmp_path, succeeds
+):
+    """A rank left to close gloo at interpreter exit can abort ("terminate called without an active
+    exception"); hf-copa closes the group itself, after a barrier only when the command succeeded."""
+    model_dir, _ = tiny_model_and_dataset
+    command = ["demo", "--model", str(model_dir)] if succeeds else ["demo", "--model", str(tmp_path / "none")]
+    completed = subprocess.run(
+        [sys.executable, "-c", CLOSING_PROBE, str(tmp_path / "store"), *command],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.splitlines()[-1] == ("0 False" if succeeds else "2 False")
+
+
 def test_backbone_learners_are_scored_on_their_episodes_images(tiny_model_and_dataset, tmp_path):
     """TSA methods adapt on each episode's support images and score its queries through the adapters;
     with no feature method asked for, no split is embedded (the cache stays empty)."""
