@@ -23,7 +23,8 @@ def end_processes(succeeded: bool) -> None:
     """Close the process group of a `torchrun` launch before the interpreter exits.
 
     Left to the interpreter's teardown, a rank that finished first can destroy gloo's threads while they
-    are still joinable and abort ("terminate called without an active exception"). After a success the
+    are still joinable and abort ("terminate called without an active exception"; pytorch/pytorch issue
+    190489, and PR 179291 on gloo's work objects at interpreter finalization). After a success the
     ranks first wait for one another; after an error they do not, since the others may never arrive.
     """
     import torch.distributed as dist
