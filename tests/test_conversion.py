@@ -332,6 +332,20 @@ def test_a_single_domain_checkpoint_converts_with_its_source_and_its_head(checkp
     assert json.loads((multi / "config.json").read_text())["training_domains"] == list(URL_TRAINING_DOMAINS)
 
 
+def test_surs_own_networks_convert_as_urls_do(checkpoint, tmp_path):
+    """SUR's eight networks (dvornikita/SUR at 2c3c5781, the `all_weights.zip` that URT also builds on) come
+    from the same `models/resnet18.py` (names, stem 5x5 / stride 2 / padding 1) and the same
+    `CheckPointer.save_checkpoint` (`models/model_utils.py` l. 98-114); `config.py` makes the cosine head
+    the default and `data.train` a list (l. 5, 18); `models/models_dict.py` names the folders."""
+    path = sdl_checkpoint(checkpoint, tmp_path / "weights" / "birds-net", "cu_birds", cosine=True)
+    folder = convert_url_checkpoint(path, tmp_path / "birds")
+    model = hf_copa.CopaModel.from_pretrained(folder)
+    assert model.config.training_domains == ["cu_birds"]
+    assert torch.equal(
+        model.state_dict()["layer4.1.bn2.running_var"], checkpoint["state_dict"]["layer4.1.bn2.running_var"]
+    )
+
+
 def saved_multi_domain(checkpoint: dict, tmp_path: Path) -> Path:
     path = tmp_path / "url.pth.tar"
     torch.save(checkpoint, path)
