@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_urt.add_argument("--no-progress", action="store_true")
 
     convert = commands.add_parser(
-        "convert", help="convert URL's released checkpoint (model_best.pth.tar[.xz]) to a model folder"
+        "convert",
+        help="convert URL's (or SUR's) released checkpoint (model_best.pth.tar[.xz]) to a model folder, "
+        "or, with --backbone-set, a URT layer's checkpoint to a --urt-head folder",
     )
     convert.add_argument("checkpoint", help="URL's model_best.pth.tar, plain or xz-compressed")
     convert.add_argument("output_dir", help="folder to write the model to")
@@ -351,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the stem convolution's padding: 1 (default) as the official test scripts load the checkpoint, "
         "giving the published numbers' features; 2 as URL trained it",
+    )
+    convert.add_argument(
+        "--backbone-set",
+        default=None,
+        metavar="SET",
+        help="convert a URT layer's checkpoint (liulu112601/URT urt-avg-head.py) instead, for this backbone "
+        "set (folder or Hub id): the backbones it was trained on, in order",
+    )
+    convert.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="with --backbone-set: the cosine temperature, which URT's checkpoints do not save (default 10, "
+        "its initial value; it scales the logits, not accuracies)",
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder, replacing only its own files"
@@ -847,6 +863,10 @@ def _model_card(args) -> int:
 def _convert(args) -> int:
     from .conversion import DOMAIN_CLASSIFIERS_FILE, convert_url_checkpoint, converted_files
 
+    if args.backbone_set is not None:
+        return _convert_urt(args)
+    if args.temperature is not None:
+        raise CopaValueError("--temperature is for a URT checkpoint, converted with --backbone-set SET.")
     stale = Path(args.output_dir) / DOMAIN_CLASSIFIERS_FILE
     removes_stale = not args.keep_domain_classifiers and stale.exists()
     output = convert_url_checkpoint(
@@ -861,6 +881,32 @@ def _convert(args) -> int:
     print(f"wrote {output}: " + ", ".join(converted_files(args.keep_domain_classifiers)))
     if removes_stale:
         print(f"removed {stale.name} (an earlier conversion's classifiers; config.json no longer lists them)")
+    if args.push_to_hub:
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _convert_urt(args) -> int:
+    from .conversion import convert_urt_checkpoint
+    from .modeling_backbone_set import CopaBackboneSet
+
+    backbone_only = {
+        "--keep-domain-classifiers": args.keep_domain_classifiers,
+        "--trained-on": args.trained_on is not None,
+        "--stem-padding": args.stem_padding != 1,
+    }
+    if any(backbone_only.values()):
+        given = ", ".join(flag for flag, used in backbone_only.items() if used)
+        raise CopaValueError(f"{given}: for a backbone checkpoint, not a URT layer's (--backbone-set).")
+    output = convert_urt_checkpoint(
+        args.checkpoint,
+        args.output_dir,
+        CopaBackboneSet.from_pretrained(args.backbone_set),
+        temperature=10.0 if args.temperature is None else args.temperature,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+    )
+    print(f"wrote {output}: the URT layer for {args.backbone_set} (use: --method urt --urt-head {output})")
     if args.push_to_hub:
         print(f"pushed to {args.push_to_hub}")
     return 0

@@ -13,6 +13,9 @@ eight domain classifiers (`cls_fn.*`) are not part of `CopaModel`; on request th
 `domain_classifiers.safetensors`, their output sizes and domains recorded in `config.json`.
 
 Every check runs before anything is written, so a bad checkpoint leaves no half-written folder behind.
+
+`convert_urt_checkpoint` does the same for a URT layer saved by liulu112601/URT's `urt-avg-head.py`: it
+becomes the folder `hf-copa train-urt` writes, pinned to the backbone set it was trained for.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
+import math
 import pickle
 import re
 import zipfile
@@ -54,6 +58,17 @@ DOMAIN_CLASSIFIER_PREFIX = "cls_fn."
 DOMAIN_CLASSIFIERS_FILE = "domain_classifiers.safetensors"
 MODEL_CARD_TEMPLATE = "base_model.md"
 DEFAULT_COMMIT_MESSAGE = "Add the URL ResNet-18 backbone converted by hf-copa convert"
+
+URT_CHECKPOINT_KEY = "URT_model"  # liulu112601/URT urt-avg-head.py l. 219-223
+URT_CHECKPOINT_ARGS = (
+    "urt.head",
+    "urt.penalty_coef",
+    "train.max_iter",
+    "train.learning_rate",
+    "train.weight_decay",
+)
+_URT_KEY = re.compile(r"layers\.(\d+)\.(linear_q|linear_k)\.(weight|bias)")
+_URT_UNUSED = re.compile(r"layers\.\d+\.linear_v_w")  # only URTPropagation.forward_transform uses it
 
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -159,18 +174,92 @@ def convert_url_checkpoint(
     return output
 
 
+def convert_urt_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path,
+    backbone_set: Any,
+    temperature: float = 10.0,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Write the URT layer of a checkpoint that liulu112601/URT's `fast-exps/urt-avg-head.py` saved, for
+    `evaluate --method urt --urt-head`, pinned to `backbone_set` (a `CopaBackboneSet`, the backbones whose
+    cached features it was trained on, in that order).
+
+    The checkpoint is `{'args', 'train_iter', 'optimizer', 'scheduler', 'URT_model'}` (l. 219-223), the model
+    a `DataParallel(MultiHeadURT)` (l. 155-156: `module.layers.{h}.linear_q/linear_k.{weight,bias}` plus
+    `linear_v_w`, which the avg head never uses and is dropped; attention temperature 1). The cosine
+    temperature, a separate parameter (l. 158), is not saved there: `temperature` stands for it (its
+    initial value by default). It scales every logit alike, so accuracies do not depend on it.
+    """
+    from .learners.urt import URT_LAYER_CONFIG, URT_LAYER_WEIGHTS, URTLayer, push_urt_layer, save_urt_layer
+
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise CopaValueError(f"temperature must be a positive number, got {temperature!r}.")
+    output = check_output_folder(output_dir, [URT_LAYER_WEIGHTS, URT_LAYER_CONFIG, "README.md"], overwrite)
+    path = Path(checkpoint_path)
+    payload, sha256 = _read_checkpoint(path, "a checkpoint of URT's urt-avg-head.py (ckp-seed-*-iter-*.pth)")
+    state = payload.get(URT_CHECKPOINT_KEY) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = sorted(map(str, payload))[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise CopaValueError(
+            f"{path}: expected URT's checkpoint, a dict whose {URT_CHECKPOINT_KEY!r} maps names to tensors, "
+            f"but found {found}. A backbone checkpoint converts without --backbone-set."
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not _URT_UNUSED.fullmatch(k)}
+    unexpected = [k for k in state if not _URT_KEY.fullmatch(k)]
+    firsts = [state.get("layers.0.linear_q.weight"), state.get("layers.0.linear_k.weight")]
+    if unexpected or any(t is None or t.dim() != 2 for t in firsts):
+        raise CopaValueError(
+            f"{path}: not the parameters of URT's MultiHeadURT (layers.<head>.linear_q / linear_k)"
+            + (f"; unexpected: {_listing(unexpected)}" if unexpected else "")
+            + ". Only urt-avg-head.py's layer converts."
+        )
+    hidden, query_dim = state["layers.0.linear_q.weight"].shape
+    key_dim = state["layers.0.linear_k.weight"].shape[1]
+    members, feature_dim = backbone_set.num_backbones, backbone_set.feature_dim
+    if (key_dim, query_dim) != (feature_dim, members * feature_dim):
+        raise CopaValueError(
+            f"{path}: the layer was trained for {query_dim // max(key_dim, 1)} backbones of {key_dim} "
+            f"features, the set has {members} of {feature_dim}. Give the set it was trained on."
+        )
+    heads = len({k.split(".")[1] for k in state})
+    layer = URTLayer(members, feature_dim, heads, hidden, attention_temperature=1.0, temperature=temperature)
+    try:
+        layer.load_state_dict({**state, "temperature": torch.tensor(float(temperature))}, strict=True)
+    except RuntimeError as err:  # a head missing a tensor, or tensors of different sizes
+        raise CopaValueError(
+            f"{path}: URT's layer is incomplete or inconsistent ({' '.join(str(err).split())[:300]})."
+        ) from None
+    args = payload.get("args") if isinstance(payload.get("args"), dict) else {}
+    training = {
+        "converted_from": path.name,
+        "source_sha256": sha256,
+        "code": "liulu112601/URT fast-exps/urt-avg-head.py",
+        "train_iter": _scalar(payload.get("train_iter"), int),
+        **{k: args[k] for k in URT_CHECKPOINT_ARGS if isinstance(args.get(k), int | float | str)},
+        "temperature": f"{float(temperature)} (not in the checkpoint; it scales the logits, not accuracies)",
+        "backbone_set_name": getattr(backbone_set, "name_or_path", None),
+        "backbone_set_revision": getattr(backbone_set, "revision", None),
+    }
+    save_urt_layer(layer, output, backbone_set.identity(), training)
+    if push_to_hub:
+        push_urt_layer(output, push_to_hub, token=token)
+    return output
+
+
 def load_url_checkpoint(checkpoint_path: str | Path, trained_on: str | None = None) -> UrlCheckpoint:
     """Read and check URL's checkpoint: every backbone tensor present, with the right shape, nothing else;
     a single-domain checkpoint's source from `args['data.train']` or `trained_on`."""
     path = Path(checkpoint_path)
-    if not path.is_file():
-        reason = "is a folder" if path.is_dir() else "does not exist"
-        raise ValueError(f"The checkpoint path {str(path)!r} {reason}; give URL's model_best.pth.tar file.")
-    raw = path.read_bytes()
-    sha256 = hashlib.sha256(raw).hexdigest()
-    if raw.startswith(_XZ_MAGIC) or path.suffix == ".xz":
-        raw = _decompress_xz(raw, path)
-    payload = _torch_load(raw, path)
+    payload, sha256 = _read_checkpoint(path, "URL's model_best.pth.tar")
+    if isinstance(payload, dict) and URT_CHECKPOINT_KEY in payload:
+        raise CopaValueError(
+            f"{path} is a URT layer's checkpoint (liulu112601/URT urt-avg-head.py), not a backbone: convert "
+            "it with --backbone-set SET, the backbones it was trained on."
+        )
     if not isinstance(payload, dict) or "state_dict" not in payload:
         found = sorted(map(str, payload))[:10] if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(
@@ -333,6 +422,18 @@ def load_domain_classifiers(model_path_or_id: str | Path, **hub_kwargs: Any) -> 
     return heads
 
 
+def _read_checkpoint(path: Path, expected: str) -> tuple[Any, str]:
+    """(the unpickled payload, the file's sha256) of a plain or `.xz` `torch.save` file."""
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(f"The checkpoint path {str(path)!r} {reason}; give {expected}.")
+    raw = path.read_bytes()
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if raw.startswith(_XZ_MAGIC) or path.suffix == ".xz":
+        raw = _decompress_xz(raw, path)
+    return _torch_load(raw, path, expected), sha256
+
+
 def _decompress_xz(raw: bytes, path: Path) -> bytes:
     try:
         return lzma.decompress(raw)
@@ -342,11 +443,11 @@ def _decompress_xz(raw: bytes, path: Path) -> bytes:
         ) from None
 
 
-def _torch_load(raw: bytes, path: Path) -> Any:
+def _torch_load(raw: bytes, path: Path, expected: str) -> Any:
     if not raw.startswith((_ZIP_MAGIC, _LEGACY_PICKLE_MAGIC)):
         raise ValueError(
             f"{path}: not a PyTorch checkpoint (it starts with bytes {raw[:8]!r}, neither a torch.save zip "
-            "archive nor a legacy pickle). Pass URL's model_best.pth.tar (or its .xz)."
+            f"archive nor a legacy pickle). Pass {expected} (or its .xz)."
         )
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -470,6 +571,7 @@ __all__ = [
     "URL_TRAINING_DOMAINS",
     "UrlCheckpoint",
     "convert_url_checkpoint",
+    "convert_urt_checkpoint",
     "converted_files",
     "load_domain_classifiers",
     "load_url_backbone",

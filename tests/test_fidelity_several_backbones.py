@@ -11,13 +11,16 @@ its training steps (loss, every gradient, Adam + cosine annealing).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hf_copa
+import hf_copa.cli
 from hf_copa.learners import get_learner
 from hf_copa.learners.sur import fit_selection
 from hf_copa.learners.urt import URTLayer, head_diversity_penalty, save_urt_layer
@@ -339,3 +342,119 @@ def test_urt_penalty_is_the_official_frobenius_norm():
         ours = head_diversity_penalty(weights)
         torch.testing.assert_close(ours, direct, rtol=1e-14, atol=0)
         torch.testing.assert_close(ours, official_urt_penalty(weights, heads), rtol=1e-14, atol=0)
+
+
+# --- an official URT checkpoint, converted ----------------------------------------------------------------
+
+
+def official_urt_checkpoint(path, official: torch.nn.Module, cosine_temp: torch.Tensor, drop: str = ""):
+    """What `urt-avg-head.py` saves at its last iteration (l. 219-223): args, train_iter, the optimizer's and
+    scheduler's states, and the `DataParallel(MultiHeadURT)` state_dict (`module.` names, each head's
+    `linear_v_w`, l. 46: eight identity matrices). The cosine temperature is not among them."""
+    optimizer, scheduler = official_urt_optimizer(official, cosine_temp, URT_LR, URT_WEIGHT_DECAY, 10000)
+    state = {f"module.{name}": tensor for name, tensor in official.state_dict().items()}
+    for head in range(len(official.layers)):
+        key_dim = official.layers[head].linear_k.in_features
+        state[f"module.layers.{head}.linear_v_w"] = torch.eye(key_dim).unsqueeze(0).repeat(8, 1, 1)
+    state.pop(drop, None)
+    args = {"urt.head": len(official.layers), "urt.penalty_coef": URT_PENALTY, "train.max_iter": 10000}
+    info = {
+        "args": {**args, "train.learning_rate": URT_LR, "save_dir": "./fast-outputs/urt-avg-head"},
+        "train_iter": 9999,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "URT_model": state,
+    }
+    torch.save(info, path)
+    return path
+
+
+def test_an_official_urt_checkpoint_converts_and_scores_as_the_official_test_path(tmp_path):
+    """`hf-copa convert CKPT OUT --backbone-set SET`: the converted layer, used by the urt learner, gives the
+    official test path's logits (float64 features) with the temperature given for the one not saved."""
+    from tests.test_backbone_set import make_set
+
+    backbone_set = make_set()
+    backbone_set.save_pretrained(tmp_path / "set")
+    backbones, dim = backbone_set.num_backbones, backbone_set.feature_dim
+    _, official, cosine_temp = layer_pair(backbones, dim, 2, 32, 5, spread=1.0)
+    checkpoint = official_urt_checkpoint(tmp_path / "ckp-seed-1-iter-9999.pth", official, cosine_temp)
+    out = tmp_path / "urt"
+    command = ["convert", str(checkpoint), str(out), "--backbone-set", str(tmp_path / "set")]
+    assert hf_copa.cli.main([*command, "--temperature", "7.25"]) == 0
+
+    support, labels, query, _ = make_episode(7, backbones, dim, 4)
+    head = get_learner("urt", urt_head=str(out)).fit(support, labels)
+    reference = official_urt_test_logits(
+        official.double(), cosine_temp.detach().double(), support, labels, query
+    )
+    assert relative(head.logits(query), reference) < 1e-12 and head.scale == 7.25
+    config = json.loads((out / "urt_config.json").read_text())
+    assert config["backbone_set"] == backbone_set.identity() and config["heads"] == 2
+    assert config["training"]["train_iter"] == 9999 and config["training"]["urt.penalty_coef"] == URT_PENALTY
+    assert "ckp-seed-1-iter-9999.pth" in (out / "README.md").read_text()
+    # the default temperature is the initial one, and the accuracies do not depend on it
+    assert hf_copa.cli.main([*command[:2], str(tmp_path / "urt10"), *command[3:]]) == 0
+    default = get_learner("urt", urt_head=str(tmp_path / "urt10")).fit(support, labels)
+    assert default.scale == 10.0
+    assert torch.equal(default.logits(query).argmax(1), head.logits(query).argmax(1))
+
+
+def test_urt_checkpoints_that_do_not_convert_say_why(tmp_path, capsys):
+    from tests.test_backbone_set import make_set
+
+    backbone_set = make_set()
+    backbone_set.save_pretrained(tmp_path / "set")
+    make_set(seeds=(0, 1), names=["ilsvrc_2012", "omniglot"]).save_pretrained(tmp_path / "two")
+    _, official, cosine_temp = layer_pair(backbone_set.num_backbones, backbone_set.feature_dim, 2, 32, 5, 1.0)
+    checkpoint = official_urt_checkpoint(tmp_path / "ckp.pth", official, cosine_temp)
+    damaged = official_urt_checkpoint(
+        tmp_path / "damaged.pth", official, cosine_temp, "module.layers.1.linear_k.bias"
+    )
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "args": {}}, backbone)
+    never = str(tmp_path / "never")
+    cases = [
+        (["convert", str(checkpoint), never], "is a URT layer's checkpoint .* --backbone-set SET"),
+        (
+            ["convert", str(checkpoint), never, "--backbone-set", str(tmp_path / "two")],
+            r"trained for 3 backbones of \d+ features, the set has 2",
+        ),
+        (
+            ["convert", str(damaged), never, "--backbone-set", str(tmp_path / "set")],
+            r"incomplete or inconsistent .*Missing key.*layers\.1\.linear_k\.bias",
+        ),
+        (
+            ["convert", str(backbone), never, "--backbone-set", str(tmp_path / "set")],
+            "expected URT's checkpoint.* converts without --backbone-set",
+        ),
+        (
+            [
+                "convert",
+                str(checkpoint),
+                never,
+                "--backbone-set",
+                str(tmp_path / "set"),
+                "--temperature",
+                "-1",
+            ],
+            "temperature must be a positive number",
+        ),
+        (["convert", str(backbone), never, "--temperature", "5"], "--temperature is for a URT checkpoint"),
+        (
+            [
+                "convert",
+                str(checkpoint),
+                never,
+                "--backbone-set",
+                str(tmp_path / "set"),
+                "--trained-on",
+                "dtd",
+            ],
+            "--trained-on: for a backbone checkpoint",
+        ),
+    ]
+    for command, message in cases:
+        assert hf_copa.cli.main(command) == 2, command
+        assert re.search(message, capsys.readouterr().err), (command, message)
+    assert not (tmp_path / "never").exists()

@@ -148,13 +148,22 @@ def save_urt_layer(
     }
     write_text_atomically(folder / URT_LAYER_CONFIG, json.dumps(config, indent=2) + "\n")
     names = ", ".join(f"`{n}`" for n in backbone_set.get("backbones", []))
+    if "converted_from" in training:
+        origin = (
+            f"Converted by `hf-copa convert` from `{training['converted_from']}`, a checkpoint of the "
+            f"official `{training.get('code')}` (iteration {training.get('train_iter')}); temperature "
+            f"{training.get('temperature')}. It weighs the features of {names}"
+        )
+    else:
+        origin = (
+            f"Trained by `hf-copa train-urt` on {training.get('episodes')} episodes of "
+            f"{', '.join(training.get('sources', []))}, over the features of {names}"
+        )
     write_text_atomically(
         folder / "README.md",
         "---\nlibrary_name: hf_copa\ntags:\n- hf_copa\n- few-shot\n- urt\n---\n\n"
         f"# A URT layer ({layer.shape['heads']} heads) for {layer.shape['num_backbones']} backbones\n\n"
-        f"Trained by `hf-copa train-urt` on {training.get('episodes')} episodes of "
-        f"{', '.join(training.get('sources', []))}, over the features of {names} "
-        f"(set `{training.get('backbone_set_name')}`). Use it with that set only: "
+        f"{origin} (set `{training.get('backbone_set_name')}`). Use it with that set only: "
         "`hf-copa evaluate --model SET --method urt --urt-head THIS`.\n",
     )
     return folder
