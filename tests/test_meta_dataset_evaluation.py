@@ -130,6 +130,29 @@ def test_the_benchmark_runs_what_it_finds_with_the_papers_settings(
     assert "No converted Meta-Dataset source" in capsys.readouterr().err
 
 
+def test_the_benchmark_runs_sur_and_urt_on_a_backbone_set(benchmark_root, tmp_path):
+    """The paper's first table's several-backbone rows: a set, the official episodes and decoder, SUR's
+    official settings and a URT layer meta-trained on the set's features of a training source."""
+    from tests.test_backbone_set import make_set
+
+    make_set().save_pretrained(tmp_path / "set")
+    train = ["train-urt", "--model", str(tmp_path / "set"), "--dataset", str(benchmark_root / "omniglot")]
+    assert main([*train, "--episodes", "4", "--output", str(tmp_path / "urt"), "--no-progress"]) == 0
+    arguments = ["--model", str(tmp_path / "set"), "--benchmark", "meta-dataset", "--data-root"]
+    arguments += [str(benchmark_root), "--episodes", "2", "--method", "sur", "urt", "--urt-head"]
+    arguments += [str(tmp_path / "urt"), "--cache-dir", "none", "--no-progress", "--per-episode"]
+    for setting in ("all-sources", "imagenet-only"):
+        output = tmp_path / f"{setting}.json"
+        assert main(["evaluate", *arguments, "--setting", setting, "--output", str(output)]) == 0
+        results = json.loads(output.read_text())
+        assert list(results["results"]) == ["ilsvrc_2012", "omniglot", "dtd", "mnist"]
+        assert results["config"]["setting"] == setting and results["config"]["sampling"] == "official"
+        sur = results["config"]["hyperparameters"]["omniglot"]["sur"]
+        assert sur == {"steps": 40, "lr_times_classes": 3000.0, "scale": 10.0}
+        assert all(len(results["episode_accuracies"][d]["urt"]) == 2 for d in results["results"])
+        assert set(results["average_rank"]) == {"sur", "urt"}
+
+
 def test_one_and_two_processes_give_the_same_official_results(converted, model_dir, tmp_path):
     def arguments(output: Path) -> list[str]:
         return [
