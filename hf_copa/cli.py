@@ -18,7 +18,13 @@ from pathlib import Path
 from .bundled import DEFAULT_MODEL
 from .folders import load_class_folders, query_images, sample_task_dir
 from .learners.registry import DEFAULT_METHOD, available_methods, hyperparameter_names, shown_value
-from .training.config import MIXED_PRECISION_CHOICES, TrainingConfig, URTTrainingConfig
+from .training.config import (
+    MIXED_PRECISION_CHOICES,
+    URT_DECODERS,
+    URT_SAMPLINGS,
+    TrainingConfig,
+    URTTrainingConfig,
+)
 from .validation import CopaError, CopaValueError, check_int
 
 PROTOCOLS = ("meta-dataset", "varying-way-5-shot", "5-way-1-shot")
@@ -305,9 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     train_urt.add_argument(
         "--dataset",
         action="append",
-        required=True,
+        default=[],
         metavar="PATH_OR_ID[:SPLIT]",
         help="a training source, split 'train' unless given; repeat for each (the first: half the episodes)",
+    )
+    train_urt.add_argument(
+        "--benchmark",
+        choices=("meta-dataset",),
+        default=None,
+        help="the official training: Meta-Dataset's eight training sources found under --data-root, in "
+        "SUR's order (ImageNet first), Meta-Dataset's sampler on their train splits and its decoder",
+    )
+    train_urt.add_argument(
+        "--data-root",
+        default=None,
+        metavar="CONVERTED",
+        help="with --benchmark: meta-dataset convert's OUTPUT",
     )
     train_urt.add_argument("--output", required=True, help="folder for the trained layer")
     add_compute_options(train_urt)
@@ -316,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sources":
             continue
         flag = "--" + name.replace("_", "-")
-        choices = PROTOCOLS if name == "protocol" else None
+        choices = {"protocol": PROTOCOLS, "sampling": URT_SAMPLINGS, "decoder": URT_DECODERS}.get(name)
         train_urt.add_argument(
             flag, type=type(value), default=value, choices=choices, help=f"default {value}"
         )
@@ -660,10 +679,9 @@ def _episode_processor(model, processor: str | None):
     """The model's own image processor, or Meta-Dataset's decoder setting of it (None: the model's)."""
     if processor != "meta-dataset":
         return None
-    from .image_processing_copa import CopaImageProcessor
+    from .image_processing_copa import meta_dataset_processor
 
-    config = model.members[0].config if hasattr(model, "feature_members") else model.config
-    return CopaImageProcessor.from_copa_config(config, decoder="meta-dataset")
+    return meta_dataset_processor(model)
 
 
 def _prepared_domains(args) -> tuple[list, str, str | None, dict[str, dict]]:
@@ -951,7 +969,9 @@ def _train_urt(args) -> int:
     from .training.urt import URT_LOG_FILE, train_urt
 
     fields = {name: getattr(args, name) for name in asdict(URTTrainingConfig()) if name != "sources"}
-    config = URTTrainingConfig(sources=args.dataset, **fields)
+    if args.benchmark:
+        fields |= {"sampling": "official", "decoder": "meta-dataset"}
+    config = URTTrainingConfig(sources=_urt_training_sources(args), **fields)
     config.check()
     check_output_folder(
         args.output, [URT_LAYER_CONFIG, URT_LAYER_WEIGHTS, "README.md", URT_LOG_FILE], args.overwrite
@@ -971,6 +991,36 @@ def _train_urt(args) -> int:
             commit = push_urt_layer(result.output_dir, args.push_to_hub)
             print(f"pushed to {args.push_to_hub} (use --urt-head {args.push_to_hub}@{commit.oid})")
     return 0
+
+
+def _urt_training_sources(args) -> list[str]:
+    """--dataset as given, or with --benchmark the training sources found under --data-root."""
+    if not args.benchmark:
+        if args.data_root:
+            raise CopaValueError("--data-root goes with --benchmark meta-dataset.")
+        return args.dataset
+    if args.dataset or not args.data_root:
+        raise CopaValueError(
+            "--benchmark meta-dataset takes the converted sources from --data-root CONVERTED (the OUTPUT of "
+            "hf-copa meta-dataset convert), not --dataset."
+        )
+    from .meta_dataset import benchmark
+
+    found, _ = benchmark.find_sources(args.data_root)
+    names = [name for name in benchmark.SEEN_SOURCES if name in found]
+    if not names:
+        raise CopaValueError(
+            f"No converted Meta-Dataset training source under {args.data_root!r} (looked for "
+            f"{', '.join(benchmark.SEEN_SOURCES)}); convert them with hf-copa meta-dataset convert."
+        )
+    missing = [name for name in benchmark.SEEN_SOURCES if name not in found]
+    if missing:
+        first = "" if names[0] == "ilsvrc_2012" else f"; {names[0]} takes ImageNet's part"
+        warnings.warn(
+            f"Not found under {args.data_root!r}, so not trained on: {', '.join(missing)}{first}.",
+            stacklevel=2,
+        )
+    return [f"{found[name]}:train" for name in names]
 
 
 def _command_line(argv: list[str] | None) -> str:

@@ -385,6 +385,14 @@ def _register_with_auto_image_processor() -> None:
 
 _register_with_auto_image_processor()  # so that AutoImageProcessor and pipeline find it (see hf_copa)
 
+
+def meta_dataset_processor(model: Any) -> CopaImageProcessor:
+    """The processor of `model` (a `CopaModel` or a backbone set: its first member's contract) set to
+    Meta-Dataset's decoder, as the benchmark embeds the official episodes."""
+    config = model.members[0].config if hasattr(model, "feature_members") else model.config
+    return CopaImageProcessor.from_copa_config(config, decoder="meta-dataset")
+
+
 __all__ = [
     "ACCEPTED_INPUTS",
     "DECODERS",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from hf_copa.cli import main
 from hf_copa.image_processing_copa import CopaImageProcessor
 from hf_copa.meta_dataset import convert_records, official_sampler
+from hf_copa.validation import CopaValueError
 from tests.support.meta_dataset_fixtures import benchmark_layout
 
 from .conftest import REPO_ROOT, tiny_backbone
@@ -136,8 +138,16 @@ def test_the_benchmark_runs_sur_and_urt_on_a_backbone_set(benchmark_root, tmp_pa
     from tests.test_backbone_set import make_set
 
     make_set().save_pretrained(tmp_path / "set")
-    train = ["train-urt", "--model", str(tmp_path / "set"), "--dataset", str(benchmark_root / "omniglot")]
-    assert main([*train, "--episodes", "4", "--output", str(tmp_path / "urt"), "--no-progress"]) == 0
+    train = ["train-urt", "--model", str(tmp_path / "set"), "--benchmark", "meta-dataset", "--data-root"]
+    train += [str(benchmark_root), "--episodes", "4", "--output", str(tmp_path / "urt"), "--no-progress"]
+    assert main([*train, "--cache-dir", "none"]) == 0
+    training = json.loads((tmp_path / "urt" / "urt_config.json").read_text())["training"]
+    assert [Path(s).name for s in training["sources"]] == ["ilsvrc_2012:train", "omniglot:train", "dtd:train"]
+    assert (training["sampling"], training["decoder"], training["shuffle_buffer_size"]) == (
+        "official",
+        "meta-dataset",
+        1000,
+    )
     arguments = ["--model", str(tmp_path / "set"), "--benchmark", "meta-dataset", "--data-root"]
     arguments += [str(benchmark_root), "--episodes", "2", "--method", "sur", "urt", "--urt-head"]
     arguments += [str(tmp_path / "urt"), "--cache-dir", "none", "--no-progress", "--per-episode"]
@@ -151,6 +161,75 @@ def test_the_benchmark_runs_sur_and_urt_on_a_backbone_set(benchmark_root, tmp_pa
         assert sur == {"steps": 40, "lr_times_classes": 3000.0, "scale": 10.0}
         assert all(len(results["episode_accuracies"][d]["urt"]) == 2 for d in results["results"])
         assert set(results["average_rank"]) == {"sur", "urt"}
+
+
+def test_urt_training_episodes_are_meta_datasets_own_on_the_train_splits(
+    benchmark_root, tmp_path, monkeypatch
+):
+    """With official sampling each source's training episodes are those of Meta-Dataset's sampler on its
+    train split (the ontologies on, URT's shuffle buffer), and the features are TensorFlow's pixels'."""
+    import datasets
+
+    import hf_copa.features
+    from hf_copa.splits import SplitSpec
+    from hf_copa.training import urt as urt_training
+    from hf_copa.training.config import URTTrainingConfig
+    from tests.test_backbone_set import make_set
+
+    names = ["ilsvrc_2012", "omniglot", "dtd"]
+    specs = [SplitSpec.parse(f"{benchmark_root / n}:train", default_split="train") for n in names]
+    splits = [datasets.load_dataset(str(benchmark_root / n), split="train") for n in names]
+    config = URTTrainingConfig(
+        sources=[f"{s.path}:train" for s in specs], episodes=12, sampling="official", seed=3
+    )
+    drawn = urt_training.draw_training_episodes(splits, config, specs)
+    for index, name in enumerate(names):
+        mine = [episode for source, episode in drawn if source == index]
+        assert mine, name
+        sampler = official_sampler(
+            benchmark_root / name, "train", "meta-dataset", 3 * 1009 + index, len(mine), 1000
+        )
+        assert mine == [sampler.episode(i) for i in range(len(mine))]
+    omniglot = [episode for source, episode in drawn if source == 1]
+    assert all(episode.hierarchy_node is not None for episode in omniglot)  # one alphabet per episode
+
+    processors = []
+    original = hf_copa.features.extract_row_features
+
+    def spy(model, dataset, rows, image_processor=None, *args, **kwargs):
+        processors.append(image_processor)
+        return original(model, dataset, rows, image_processor, *args, **kwargs)
+
+    monkeypatch.setattr(hf_copa.features, "extract_row_features", spy)
+    with pytest.raises(CopaValueError, match="official sampling needs the converted sources"):
+        urt_training.draw_training_episodes(splits, config)
+    config.decoder, config.episodes = "meta-dataset", 2
+    urt_training.train_urt(make_set(), config, tmp_path / "urt", progress=False)
+    assert processors and all(p.decoder == "meta-dataset" for p in processors)
+
+
+def test_train_urt_benchmark_options_are_checked(benchmark_root, tmp_path, capsys):
+    base = ["train-urt", "--model", str(tmp_path / "set"), "--output", str(tmp_path / "out")]
+    cases = [
+        ([*base, "--benchmark", "meta-dataset"], "takes the converted sources from --data-root"),
+        (
+            [*base, "--benchmark", "meta-dataset", "--data-root", str(benchmark_root), "--dataset", "x"],
+            "not --dataset",
+        ),
+        ([*base, "--dataset", "x", "--data-root", str(benchmark_root)], "--data-root goes with --benchmark"),
+        (
+            [*base, "--benchmark", "meta-dataset", "--data-root", str(tmp_path)],
+            "No converted Meta-Dataset training",
+        ),
+        (base, r"at least one training source \(--dataset PATH, or --benchmark"),
+    ]
+    for command, message in cases:
+        assert main(command) == 2, command
+        assert re.search(message, capsys.readouterr().err), message
+    from hf_copa.training.config import URTTrainingConfig
+
+    with pytest.raises(CopaValueError, match="sampling must be one of independent, official"):
+        URTTrainingConfig(sources=["x"], sampling="tf").check()
 
 
 def test_one_and_two_processes_give_the_same_official_results(converted, model_dir, tmp_path):

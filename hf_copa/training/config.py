@@ -121,6 +121,10 @@ class TrainingConfig:
         return CopaConfig(**{key: value for key, value in shape.items() if value is not None})
 
 
+URT_SAMPLINGS = ("independent", "official")
+URT_DECODERS = ("model", "meta-dataset")
+
+
 @dataclass
 class URTTrainingConfig:
     """How URT's layer is trained (`hf_copa.training.urt`); the defaults are the official run's
@@ -138,6 +142,11 @@ class URTTrainingConfig:
     temperature: float = 10.0
     attention_temperature: float = 1.0
     protocol: str = "meta-dataset"
+    sampling: str = "independent"  # or "official": Meta-Dataset's sampler on converted sources (ontologies)
+    shuffle_buffer_size: int = (
+        1000  # official sampling: URT's reader (fast-exps/lib/data/meta_dataset_reader.py l. 146)
+    )
+    decoder: str = "model"  # the backbones' processor, or "meta-dataset": TensorFlow's pixels
     first_source_probability: float = 0.5
     episodes_per_step: int = 1
     seed: int = 0
@@ -147,10 +156,20 @@ class URTTrainingConfig:
 
     def check(self) -> None:
         if len(self.sources) < 1:
-            raise CopaValueError("URT training needs at least one training source (--dataset PATH).")
+            raise CopaValueError(
+                "URT training needs at least one training source (--dataset PATH, or --benchmark "
+                "meta-dataset --data-root CONVERTED)."
+            )
         for name in ("episodes", "heads", "hidden_dim", "episodes_per_step", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_int("seed", self.seed, 0)
+        check_int("shuffle_buffer_size", self.shuffle_buffer_size, 0)
+        for name, value, choices in (
+            ("sampling", self.sampling, URT_SAMPLINGS),
+            ("decoder", self.decoder, URT_DECODERS),
+        ):
+            if value not in choices:
+                raise CopaValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
         for name in ("lr", "temperature", "attention_temperature"):
             check_number(name, getattr(self, name), positive=True)
         for name in ("penalty", "weight_decay"):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..distributed import use_cpu
 from ..episodes import Episode, make_sampler
 from ..evaluation import rows_used
+from ..image_processing_copa import meta_dataset_processor
 from ..learners.urt import URTLayer, head_diversity_penalty, save_urt_layer
 from ..splits import SplitSpec, load_split
 from ..validation import CopaValueError
@@ -53,8 +54,16 @@ class URTTrainingResult:
     is_main_process: bool = True
 
 
-def draw_training_episodes(datasets: Sequence[Any], config: URTTrainingConfig) -> list[tuple[int, Episode]]:
-    """(source index, episode) for every training episode, from the seed alone (no image is read)."""
+def draw_training_episodes(
+    datasets: Sequence[Any], config: URTTrainingConfig, sources: Sequence[SplitSpec] | None = None
+) -> list[tuple[int, Episode]]:
+    """(source index, episode) for every training episode, from the seed alone (no image is read).
+
+    The source of each episode is drawn as `exps/pre-extract-feature.py` l. 116-119 draws it. Its episodes
+    come from hf_copa's sampler (`config.sampling` "independent") or, for converted Meta-Dataset sources
+    (`sources`: where each dataset was read), from Meta-Dataset's own (`hf_copa.meta_dataset.sampling`),
+    with the ontologies and URT's shuffle buffer, as URT's `MetaDatasetEpisodeReader('train', [d], [d])`
+    draws them one source at a time (`fast-exps/lib/data/meta_dataset_reader.py` l. 109-146)."""
     rng = np.random.default_rng(config.seed)
     choices = []
     for _ in range(config.episodes):
@@ -63,16 +72,29 @@ def draw_training_episodes(datasets: Sequence[Any], config: URTTrainingConfig) -
         else:
             choices.append(int(rng.integers(1, len(datasets))))
     counts = np.bincount(choices, minlength=len(datasets))
-    samplers = [
-        make_sampler(
-            config.protocol,
-            dataset,
-            label_column=config.label_column,
-            seed=config.seed * 1009 + index,
-            num_episodes=max(int(counts[index]), 1),
-        )
-        for index, dataset in enumerate(datasets)
-    ]
+    if config.sampling == "official" and sources is None:
+        raise CopaValueError("official sampling needs the converted sources the datasets were read from.")
+    samplers = []
+    for index, dataset in enumerate(datasets):
+        seed, count = config.seed * 1009 + index, max(int(counts[index]), 1)
+        if config.sampling == "official":
+            from ..meta_dataset.sampling import official_sampler
+
+            spec = sources[index]
+            sampler = official_sampler(
+                spec.path,
+                spec.split,
+                config.protocol,
+                seed,
+                count,
+                config.shuffle_buffer_size,
+                dataset=dataset,
+            )
+        else:
+            sampler = make_sampler(
+                config.protocol, dataset, label_column=config.label_column, seed=seed, num_episodes=count
+            )
+        samplers.append(sampler)
     drawn = [0] * len(datasets)
     episodes = []
     for source in choices:
@@ -113,7 +135,8 @@ def train_urt(
     load = load_dataset or load_split
     specs = [SplitSpec.parse(source, default_split="train") for source in config.sources]
     datasets = [load(spec.path, spec.split) for spec in specs]
-    episodes = draw_training_episodes(datasets, config)
+    episodes = draw_training_episodes(datasets, config, specs)
+    processor = meta_dataset_processor(backbone_set) if config.decoder == "meta-dataset" else None
     features = []
     for index, dataset in enumerate(datasets):
         mine = [episode for source, episode in episodes if source == index]
@@ -123,6 +146,7 @@ def train_urt(
                     backbone_set,
                     dataset,
                     rows_used(mine) if mine else np.zeros(0, dtype=np.int64),
+                    image_processor=processor,
                     image_column=config.image_column,
                     cache_dir=cache_dir,
                     progress=progress and accelerator.is_main_process,
