@@ -744,21 +744,7 @@ def _evaluation_domains(args) -> tuple[list, str, str | None]:
     from .meta_dataset import benchmark
 
     if args.benchmark:
-        if args.dataset or not args.data_root:
-            raise CopaValueError(
-                "--benchmark meta-dataset takes the converted sources from --data-root CONVERTED (the OUTPUT "
-                "of hf-copa meta-dataset convert), not --dataset."
-            )
-        found, missing = benchmark.find_sources(args.data_root)
-        if not found:
-            raise CopaValueError(
-                f"No converted Meta-Dataset source under {args.data_root!r} (looked for "
-                f"{', '.join(benchmark.SOURCES)}); convert them with hf-copa meta-dataset convert."
-            )
-        if missing:
-            warnings.warn(
-                f"Not found under {args.data_root!r}, so not evaluated: {', '.join(missing)}.", stacklevel=2
-            )
+        found = _benchmark_sources(args, benchmark.SOURCES, "evaluated")
         domains = [
             Domain(name, str(path), role=benchmark.role(name, setting)) for name, path in found.items()
         ]
@@ -999,28 +985,37 @@ def _urt_training_sources(args) -> list[str]:
         if args.data_root:
             raise CopaValueError("--data-root goes with --benchmark meta-dataset.")
         return args.dataset
+    from .meta_dataset import benchmark
+
+    found = _benchmark_sources(args, benchmark.SEEN_SOURCES, "trained on")
+    first = next(iter(found))
+    if first != "ilsvrc_2012":
+        warnings.warn(f"{first} takes ImageNet's part (half the episodes).", stacklevel=2)
+    return [f"{path}:train" for path in found.values()]
+
+
+def _benchmark_sources(args, wanted: tuple[str, ...], purpose: str) -> dict[str, Path]:
+    """The converted sources among `wanted` under --data-root, in that order; the missing ones noted."""
+    from .meta_dataset import benchmark
+
     if args.dataset or not args.data_root:
         raise CopaValueError(
             "--benchmark meta-dataset takes the converted sources from --data-root CONVERTED (the OUTPUT of "
             "hf-copa meta-dataset convert), not --dataset."
         )
-    from .meta_dataset import benchmark
-
-    found, _ = benchmark.find_sources(args.data_root)
-    names = [name for name in benchmark.SEEN_SOURCES if name in found]
-    if not names:
+    every, _ = benchmark.find_sources(args.data_root)
+    found = {name: every[name] for name in wanted if name in every}
+    if not found:
         raise CopaValueError(
-            f"No converted Meta-Dataset training source under {args.data_root!r} (looked for "
-            f"{', '.join(benchmark.SEEN_SOURCES)}); convert them with hf-copa meta-dataset convert."
+            f"No converted Meta-Dataset source under {args.data_root!r} (looked for {', '.join(wanted)}); "
+            "convert them with hf-copa meta-dataset convert."
         )
-    missing = [name for name in benchmark.SEEN_SOURCES if name not in found]
+    missing = [name for name in wanted if name not in found]
     if missing:
-        first = "" if names[0] == "ilsvrc_2012" else f"; {names[0]} takes ImageNet's part"
         warnings.warn(
-            f"Not found under {args.data_root!r}, so not trained on: {', '.join(missing)}{first}.",
-            stacklevel=2,
+            f"Not found under {args.data_root!r}, so not {purpose}: {', '.join(missing)}.", stacklevel=2
         )
-    return [f"{found[name]}:train" for name in names]
+    return found
 
 
 def _command_line(argv: list[str] | None) -> str:

@@ -219,7 +219,7 @@ def test_train_urt_benchmark_options_are_checked(benchmark_root, tmp_path, capsy
         ([*base, "--dataset", "x", "--data-root", str(benchmark_root)], "--data-root goes with --benchmark"),
         (
             [*base, "--benchmark", "meta-dataset", "--data-root", str(tmp_path)],
-            "No converted Meta-Dataset training",
+            "No converted Meta-Dataset source",
         ),
         (base, r"at least one training source \(--dataset PATH, or --benchmark"),
     ]
