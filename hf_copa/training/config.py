@@ -143,9 +143,8 @@ class URTTrainingConfig:
     attention_temperature: float = 1.0
     protocol: str = "meta-dataset"
     sampling: str = "independent"  # or "official": Meta-Dataset's sampler on converted sources (ontologies)
-    shuffle_buffer_size: int = (
-        1000  # official sampling: URT's reader (fast-exps/lib/data/meta_dataset_reader.py l. 146)
-    )
+    # official sampling's per-class buffer: URT's reader's (fast-exps/lib/data/meta_dataset_reader.py l. 146)
+    shuffle_buffer_size: int = 1000
     decoder: str = "model"  # the backbones' processor, or "meta-dataset": TensorFlow's pixels
     first_source_probability: float = 0.5
     episodes_per_step: int = 1
