@@ -2,9 +2,9 @@
 
 `import hf_copa` is cheap: each public name is imported from its module when first used, so that the
 `hf-copa` command and code that needs one part do not pay for all of transformers. hf_copa's classes
-register `model_type="copa"` with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForImageClassification`, `AutoImageProcessor`) when they are first used; to use the Auto classes or
-`pipeline` before touching any hf_copa class, call `hf_copa.register_auto_classes()` first.
+register their model types (`copa`, `efficientnet_lite`) with transformers' Auto classes (`AutoConfig`,
+`AutoModel`, `AutoModelForImageClassification`, `AutoImageProcessor`) when they are first used; to use the
+Auto classes or `pipeline` before touching any hf_copa class, call `hf_copa.register_auto_classes()` first.
 """
 
 from __future__ import annotations
@@ -27,12 +27,18 @@ _HOMES = {
     "CopaModelOutput": "modeling_copa",
     "CopaPreTrainedModel": "modeling_copa",
     "DEFAULT_MODEL": "bundled",
+    "EfficientNetLiteConfig": "configuration_efficientnet_lite",
+    "EfficientNetLiteForFewShotClassification": "modeling_efficientnet_lite",
+    "EfficientNetLiteImageProcessor": "image_processing_efficientnet_lite",
+    "EfficientNetLiteModel": "modeling_efficientnet_lite",
+    "SMALL_RESNET": "bundled",
     "Learner": "learners",
     "adapt": "adaptation",
     "adapt_to_task": "adaptation",
     "available_methods": "learners",
     "default_model_path": "bundled",
     "get_learner": "learners",
+    "load_model": "pretrained",
     "register_learner": "learners",
 }
 # Names whose use means transformers is in play: they register hf_copa with its Auto classes.
@@ -44,18 +50,25 @@ _TRANSFORMERS_NAMES = {
     "CopaModel",
     "CopaModelOutput",
     "CopaPreTrainedModel",
+    "EfficientNetLiteConfig",
+    "EfficientNetLiteForFewShotClassification",
+    "EfficientNetLiteImageProcessor",
+    "EfficientNetLiteModel",
+    "load_model",
 }
 
 __all__ = ["__version__", "register_auto_classes", *sorted(_HOMES)]
 
 
 def register_auto_classes() -> None:
-    """Make transformers' Auto classes and `pipeline` know `model_type="copa"` (no `trust_remote_code`).
+    """Make transformers' Auto classes and `pipeline` know hf_copa's model types (`copa`, `efficientnet_lite`;
+    no `trust_remote_code`).
 
-    Importing `hf_copa.modeling_copa` (which any use of `CopaModel` or `CopaConfig` does) registers them;
-    this function only does that import, so calling it again costs nothing.
+    Importing each family's modeling module (which any use of its classes does) registers it; this function
+    only does those imports, so calling it again costs nothing.
     """
     importlib.import_module(".modeling_copa", __name__)
+    importlib.import_module(".modeling_efficientnet_lite", __name__)
 
 
 def __getattr__(name: str) -> Any:

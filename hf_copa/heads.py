@@ -12,9 +12,10 @@ it. A folder (or Hub repo) holds:
   is; `weight` [C, d] and `bias` [C]; `precisions` [C, d, d]), and what the head changes inside the backbone:
   TSA's residual adapters as `adapters.<convolution>` [out, in, 1, 1], fine-tuned backbone parameters as
   `backbone.<parameter>`;
-- `config.json`: the base model's `CopaConfig` (so transformers' Auto classes and `pipeline` find the
-  model), `id2label` / `label2id`, and the head's metadata under `copa_head` (labels with their JSON types,
-  method, scoring rule, hyperparameters, scale, support shots, base model id + revision, hf_copa version);
+- `config.json`: the base model's config (`CopaConfig`, `EfficientNetLiteConfig`, ...; so transformers'
+  Auto classes and `pipeline` find the model), `id2label` / `label2id`, and the head's metadata under
+  `copa_head` (labels with their JSON types, method, scoring rule, hyperparameters, scale, support shots,
+  base model id + revision, hf_copa version);
 - `preprocessor_config.json`: the image processor, so `pipeline` finds one;
 - `README.md`: the model card.
 
@@ -54,7 +55,7 @@ from .losses import (
 from .validation import CopaTypeError, CopaValueError, as_feature_maps, as_feature_matrix, as_feature_stack
 
 if TYPE_CHECKING:
-    from .configuration_copa import CopaConfig
+    from .configuration_backbone import BackboneConfig
 
 HEAD_WEIGHTS_NAME = "head.safetensors"
 CONFIG_NAME = "config.json"
@@ -550,7 +551,7 @@ class HeadArtifact:
     head: AdaptedHead
     labels: list[Hashable]
     metadata: dict[str, Any]
-    config: CopaConfig
+    config: BackboneConfig
     folder: Path
 
     @property
@@ -558,14 +559,16 @@ class HeadArtifact:
         return BaseModelReference(self.metadata.get("base_model"), self.metadata.get("base_model_revision"))
 
     def image_processor(self) -> Any:
-        from .image_processing_copa import CopaImageProcessor
+        """The processor saved with the head, of its backbone family's class (its defaults where none was)."""
+        from .model_sources import backbone_class
 
+        processor_class = backbone_class(self.config.model_type).image_processor_class
         if (self.folder / PROCESSOR_NAME).is_file():
             try:
-                return CopaImageProcessor.from_pretrained(self.folder)
+                return processor_class.from_pretrained(self.folder)
             except (OSError, ValueError, TypeError) as err:
                 raise _damaged(self.folder / PROCESSOR_NAME, f"it cannot be read ({err})") from None
-        return CopaImageProcessor.from_copa_config(self.config)
+        return processor_class.from_copa_config(self.config)
 
 
 # --- labels ----------------------------------------------------------------------------------------------
@@ -660,7 +663,7 @@ def write_artifact(
     folder: str | Path,
     head: AdaptedHead,
     labels: Sequence[Hashable],
-    backbone_config: CopaConfig,
+    backbone_config: BackboneConfig,
     image_processor: Any,
     base_model: BaseModelReference,
     support_counts: Sequence[int] | None = None,
@@ -822,8 +825,11 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     except (ValueError, UnicodeDecodeError) as err:
         raise _damaged(config_path, f"it is not valid JSON ({err})") from None
     metadata = raw.get(HEAD_CONFIG_KEY) if isinstance(raw, dict) else None
-    if not isinstance(raw, dict) or raw.get("model_type") != "copa" or not isinstance(metadata, dict):
-        copa = isinstance(raw, dict) and raw.get("model_type") == "copa"
+    from .model_sources import BACKBONE_FAMILIES, backbone_class
+
+    known = isinstance(raw, dict) and raw.get("model_type") in BACKBONE_FAMILIES
+    if not known or not isinstance(metadata, dict):
+        copa = known
         kind = "a CoPA backbone" if copa else "not a CoPA model"
         raise CopaValueError(
             f"{str(folder)!r} holds no CoPA head ({kind}: its {CONFIG_NAME} has no {HEAD_CONFIG_KEY!r} "
@@ -885,11 +891,9 @@ def read_artifact(folder: str | Path) -> HeadArtifact:
     labels = metadata["labels"]
     if len(labels) != head.num_classes:
         raise _damaged(config_path, f"it lists {len(labels)} labels for a head of {head.num_classes} classes")
-    from .configuration_copa import CopaConfig
-
     config_dict = {k: v for k, v in raw.items() if k != HEAD_CONFIG_KEY}
     try:
-        config = CopaConfig.from_dict(config_dict)
+        config = backbone_class(raw["model_type"]).config_class.from_dict(config_dict)
     except (TypeError, ValueError) as err:
         raise _damaged(config_path, f"its backbone configuration is invalid ({err})") from None
     return HeadArtifact(head, list(labels), metadata, config, folder)

@@ -56,7 +56,7 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_copa import CopaConfig
+from .configuration_backbone import BackboneConfig
 from .validation import CopaTypeError, CopaValueError
 
 ACCEPTED_INPUTS = (
@@ -99,10 +99,12 @@ class CopaImageProcessor(PilBackend):
     return_tensors = "pt"
 
     @classmethod
-    def from_copa_config(cls, config: CopaConfig, **kwargs: Any) -> CopaImageProcessor:
-        """The processor matching `config`'s input contract (a square `config.image_size` input)."""
-        if not isinstance(config, CopaConfig):
-            raise CopaTypeError(f"from_copa_config expects a CopaConfig, got {type(config).__name__}.")
+    def from_copa_config(cls, config: BackboneConfig, **kwargs: Any) -> CopaImageProcessor:
+        """The processor matching a backbone config's input contract (a square `config.image_size` input)."""
+        if not isinstance(config, BackboneConfig):
+            raise CopaTypeError(
+                f"from_copa_config expects a backbone config (CopaConfig, ...), got {type(config).__name__}."
+            )
         kwargs.setdefault("size", {"height": config.image_size, "width": config.image_size})
         return cls(**kwargs)
 
@@ -137,6 +139,11 @@ class CopaImageProcessor(PilBackend):
             for name, item in split_images(images)
         ]
         pixel_values = meta_dataset_pixels(items, (size["height"], size["width"]))
+        mean, std = kwargs.get("image_mean") or self.image_mean, kwargs.get("image_std") or self.image_std
+        if tuple(mean) != (0.5, 0.5, 0.5) or tuple(std) != (0.5, 0.5, 0.5):
+            # Meta-Dataset's pixels are 2 * (x / 255 - 0.5); another backbone normalises x / 255 its own way.
+            mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+            pixel_values = ((pixel_values + 1) / 2 - mean) / std
         data = {"pixel_values": pixel_values if return_tensors == "pt" else pixel_values.numpy()}
         return BatchFeature(data=data, tensor_type=return_tensors if return_tensors != "pt" else None)
 
@@ -378,6 +385,8 @@ def _to_0_255(array: np.ndarray, name: str) -> np.ndarray:
 def _register_with_auto_image_processor() -> None:
     from transformers import AutoImageProcessor
 
+    from .configuration_copa import CopaConfig
+
     AutoImageProcessor.register(
         CopaConfig, image_processor_classes={"pil": CopaImageProcessor}, exist_ok=True
     )
@@ -387,10 +396,10 @@ _register_with_auto_image_processor()  # so that AutoImageProcessor and pipeline
 
 
 def meta_dataset_processor(model: Any) -> CopaImageProcessor:
-    """The processor of `model` (a `CopaModel` or a backbone set: its first member's contract) set to
+    """The processor of `model` (a backbone, or a backbone set: its first member's contract) set to
     Meta-Dataset's decoder, as the benchmark embeds the official episodes."""
-    config = model.members[0].config if hasattr(model, "feature_members") else model.config
-    return CopaImageProcessor.from_copa_config(config, decoder="meta-dataset")
+    backbone = model.members[0] if hasattr(model, "feature_members") else model
+    return backbone.image_processor_class.from_copa_config(backbone.config, decoder="meta-dataset")
 
 
 __all__ = [

@@ -47,6 +47,7 @@ from .analysis.gap import EpisodeGap
 from .folders import load_class_folders, sample_task_dir
 from .heads import AdaptedHead
 from .image_processing_copa import to_rgb_image
+from .learners.base import methods_for
 from .learners.registry import method_descriptions, shown_value
 from .losses import NORM_EPS, class_means, one_hot_labels
 from .modeling_copa import CopaForFewShotClassification
@@ -342,10 +343,15 @@ class TaskResult:
         }
 
 
-def methods() -> dict[str, str]:
+def methods(model: Any = None) -> dict[str, str]:
     """The methods a user can pick, default first, with what each one learns (from the learner registry);
-    the Space holds one backbone, so the several-backbone methods (sur, urt) are not among them."""
-    return method_descriptions(one_backbone=True)
+    the Space holds one backbone, so the several-backbone methods (sur, urt) are not among them, and with
+    `model`, only those it serves (EfficientNet-Lite has no residual adapters for tsa and copa+tsa)."""
+    described = method_descriptions(one_backbone=True)
+    if model is None:
+        return described
+    served = set(methods_for(model))
+    return {name: what for name, what in described.items() if name in served}
 
 
 def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparameters: Any) -> TaskResult:
@@ -355,8 +361,8 @@ def run_task(model: CopaModel, task: Task, method: str = "copa", **hyperparamete
     Each image goes through the backbone once, or twice for methods that adapt the backbone (TSA): once
     plain for the "before" view, once adapted for the logits and the "after" view.
     """
-    if method not in methods():
-        raise TaskError(f"Unknown method {method!r}; choose one of {', '.join(methods())}.")
+    if method not in methods(model):
+        raise TaskError(f"Unknown method {method!r}; choose one of {', '.join(methods(model))}.")
     class_names = class_order(task.support_labels)
     index = {label: i for i, label in enumerate(class_names)}
     labels = torch.tensor([index[label] for label in task.support_labels])

@@ -1,5 +1,6 @@
-"""Where a model comes from (the bundled name, a local folder, or a Hub id), and the checks that say plainly
-when a name or folder holds no usable CoPA backbone, before transformers would load it anyway.
+"""Where a model comes from (the bundled name, a local folder, or a Hub id), which backbone families there
+are, and the checks that say plainly when a name or folder holds no usable backbone, before transformers would
+load it anyway.
 
 transformers instantiates any `config.json` into the class it is asked for: a ViT or ResNet folder becomes a
 randomly initialised CoPA backbone with a list of "MISSING" keys, and a path that does not exist is reported
@@ -8,6 +9,7 @@ as a malformed repo id. hf_copa refuses each case with an error that names what 
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,23 @@ WEIGHT_FILES = (
 )
 _LISTED = 5  # missing or unexpected weights named in an error, before "and N more"
 
+# The backbone families: config `model_type` -> (module, model class). The only list of them; each module
+# defines its config, its network and registers both with transformers' Auto classes.
+BACKBONE_FAMILIES = {
+    "copa": ("modeling_copa", "CopaModel"),
+    "efficientnet_lite": ("modeling_efficientnet_lite", "EfficientNetLiteModel"),
+}
+
+
+def backbone_class(model_type: str) -> type:
+    """The model class of a backbone family (`CopaModel` for "copa"), imported when first asked for."""
+    if model_type not in BACKBONE_FAMILIES:
+        raise CopaValueError(
+            f"{model_type!r} is not a backbone family hf_copa knows ({', '.join(BACKBONE_FAMILIES)})."
+        )
+    module, name = BACKBONE_FAMILIES[model_type]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -34,8 +53,9 @@ class ModelSource:
     is_local: bool
 
 
-def resolve_model_source(name_or_path: Any) -> ModelSource:
-    """The bundled name, an existing folder (checked to hold a CoPA backbone), or a Hub id.
+def resolve_model_source(name_or_path: Any, expected_type: str | None = None) -> ModelSource:
+    """The bundled name, an existing folder (checked to hold a backbone, of `expected_type` if given), or a
+    Hub id.
 
     A folder of the bundled model (`hf_copa.default_model_path()`) keeps the bundled name, so heads adapted
     on it pin `hf_copa.DEFAULT_MODEL`, not an install path.
@@ -46,7 +66,7 @@ def resolve_model_source(name_or_path: Any) -> ModelSource:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
-        check_model_folder(path)
+        check_model_folder(path, expected_type)
         return ModelSource(str(path), bundled_name_of(path) or text, is_local=True)
     if looks_like_a_path(text):
         raise CopaValueError(
@@ -71,8 +91,8 @@ def looks_like_a_path(text: str) -> bool:
     return False
 
 
-def check_model_folder(folder: Path) -> None:
-    """A folder must hold a CoPA backbone's `config.json` and weights."""
+def check_model_folder(folder: Path, expected_type: str | None = None) -> None:
+    """A folder must hold a backbone's `config.json` (of `expected_type` if given) and weights."""
     if not folder.is_dir():
         raise CopaValueError(
             f"{str(folder)!r} is a file; pass the folder that holds config.json and the weights."
@@ -90,7 +110,7 @@ def check_model_folder(folder: Path) -> None:
             f"{str(config_file)!r} is not valid JSON ({err}); the file is damaged: re-save or re-download "
             "the model."
         ) from None
-    check_backbone_config(config, str(folder))
+    check_backbone_config(config, str(folder), expected_type)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise CopaValueError(
             f"There are no weights in {str(folder)!r}: it has a config.json but none of "
@@ -99,10 +119,17 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-def check_backbone_config(config: Any, where: str) -> None:
-    """The `config.json` contents of a CoPA backbone: model type `copa`, and not an adapted head."""
+def check_backbone_config(config: Any, where: str, expected_type: str | None = None) -> None:
+    """The `config.json` contents of a backbone of a known family (of `expected_type` if given), and not an
+    adapted head."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "copa":
+    if model_type in BACKBONE_FAMILIES and expected_type is not None and model_type != expected_type:
+        found, wanted = BACKBONE_FAMILIES[model_type][1], BACKBONE_FAMILIES[expected_type][1]
+        raise CopaValueError(
+            f"{where} holds a {model_type!r} backbone, which {found} loads, not {wanted}; load it with "
+            f"hf_copa.load_model(...) (any backbone family) or {found}.from_pretrained(...)."
+        )
+    if model_type not in BACKBONE_FAMILIES:
         kind = f"a {model_type!r} model" if model_type else "a config.json without a model_type"
         architectures = config.get("architectures") if isinstance(config, dict) else None
         named = f" ({', '.join(architectures)})" if architectures else ""

@@ -1,10 +1,10 @@
 """`CopaBackboneSet`: several frozen backbones as one feature extractor, features [N, B, d] (SUR, URT).
 
 SUR and URT combine eight single-domain ResNet-18s (URL's `sdl` networks, or SUR's own) instead of one
-multi-domain network. A set holds B `CopaModel`s, in a fixed order with a name each (the source a member was
-trained on), and gives each image's B feature vectors stacked: [N, B, d]. It is a thin composite, not a
-`PreTrainedModel` of its own: each member stays a complete CoPA backbone that `CopaModel.from_pretrained`
-loads alone, and the set is a manifest beside them. A set folder (or Hub repo) holds
+multi-domain network. A set holds B backbones (`CopaModel`s, or any family's), in a fixed order with a name
+each (the source a member was trained on), and gives each image's B feature vectors stacked: [N, B, d]. It is
+a thin composite, not a `PreTrainedModel` of its own: each member stays a complete backbone that
+`hf_copa.load_model` loads alone, and the set is a manifest beside them. A set folder (or Hub repo) holds
 
 - `backbone_set.json`: the members in order, each `{"name", "path"}` (bundled: its folder inside the set)
   or `{"name", "repo_id", "revision"}` (referenced: a Hub model at a pinned commit);
@@ -32,7 +32,9 @@ from torch import nn
 
 from .files import write_text_atomically
 from .frozen import frozen_backbone
-from .modeling_copa import FEATURE_BATCH_SIZE, CopaModel
+from .learners.base import FEATURES
+from .modeling_backbone import FEATURE_BATCH_SIZE, FewShotBackbone
+from .pretrained import load_model
 from .quiet import quiet_transformers
 from .validation import CopaTypeError, CopaValueError
 
@@ -59,9 +61,12 @@ class CopaBackboneSet(nn.Module):
     members' weights into the folder, `bundle=False` only their Hub ids and commits.
     """
 
+    offers = frozenset({FEATURES})  # its members' pooled features, stacked [N, B, d]
+    family_name = "backbone set"
+
     def __init__(
         self,
-        backbones: Mapping[str, CopaModel] | Sequence[tuple[str, CopaModel]],
+        backbones: Mapping[str, FewShotBackbone] | Sequence[tuple[str, FewShotBackbone]],
         name_or_path: str | None = None,
         revision: str | None = None,
     ) -> None:
@@ -75,10 +80,10 @@ class CopaBackboneSet(nn.Module):
         for name, model in pairs:
             if not isinstance(name, str) or not name or "/" in name:
                 raise CopaValueError(f"Backbone names must be non-empty strings without '/', got {name!r}.")
-            if not isinstance(model, CopaModel):
+            if not isinstance(model, FewShotBackbone):
                 raise CopaTypeError(
-                    f"Backbone {name!r} is a {type(model).__name__}; a set holds CopaModels "
-                    "(CopaModel.from_pretrained(...))."
+                    f"Backbone {name!r} is a {type(model).__name__}; a set holds backbones "
+                    "(hf_copa.load_model(...), CopaModel.from_pretrained(...))."
                 )
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -116,13 +121,13 @@ class CopaBackboneSet(nn.Module):
     def device(self) -> torch.device:
         return self.members[0].device
 
-    def backbone(self, name: str) -> CopaModel:
+    def backbone(self, name: str) -> FewShotBackbone:
         """The member called `name`."""
         if name not in self.names:
             raise CopaValueError(f"This set has no backbone {name!r}; it has {self.names}.")
         return self.members[self.names.index(name)]
 
-    def feature_members(self) -> list[tuple[str, CopaModel]]:
+    def feature_members(self) -> list[tuple[str, FewShotBackbone]]:
         """(name, model) in feature order: what `hf_copa.features` extracts and caches one by one."""
         return list(zip(self.names, self.members, strict=True))
 
@@ -315,9 +320,9 @@ class CopaBackboneSet(nn.Module):
                         f"The backbone set {str(name_or_path)!r} lists {entry['name']!r} at {entry['path']!r}"
                         ", which it does not hold; re-save or re-download the whole set."
                     )
-                model = CopaModel.from_pretrained(member_folder)
+                model = load_model(member_folder)
             else:
-                model = CopaModel.from_pretrained(
+                model = load_model(
                     entry["repo_id"],
                     revision=entry["revision"],
                     local_files_only=local_files_only,
@@ -350,7 +355,7 @@ class CopaBackboneSet(nn.Module):
         )
 
 
-def _processor_settings(model: CopaModel) -> dict[str, Any]:
+def _processor_settings(model: FewShotBackbone) -> dict[str, Any]:
     settings = model.default_image_processor().to_dict()
     return {k: v for k, v in settings.items() if k not in _PROCESSOR_KEYS_IGNORED}
 

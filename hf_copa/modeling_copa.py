@@ -1,4 +1,5 @@
-"""The URL ResNet-18 backbone as a `transformers` model, and the classifier an adapted head makes of it.
+"""The URL ResNet-18 backbone as a `transformers` model, and the classifier an adapted head makes of any
+backbone.
 
 Parameter names follow torchvision / URL (`conv1`, `bn1`, `layer1.0.conv1`,
 `layer2.0.downsample.0`, ...) so the released URL checkpoint loads 1:1.
@@ -7,46 +8,35 @@ Parameter names follow torchvision / URL (`conv1`, `bn1`, `layer1.0.conv1`,
 from __future__ import annotations
 
 import os
-import warnings
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import ModelOutput
 
 from . import heads
-from .adaptation import adapt_to_task
 from .adapters import adapted_conv, check_adapters
+from .configuration_backbone import BackboneConfig
 from .configuration_copa import CopaConfig
-from .frozen import frozen_backbone
 from .heads import AdaptedHead
 from .image_processing_copa import CopaImageProcessor
-from .model_sources import check_backbone_config, check_loading_info, resolve_model_source
-from .quiet import quiet_transformers
-from .validation import CopaTypeError, CopaValueError, class_order
+from .learners.base import FEATURES, MAPS, RESIDUAL_ADAPTERS
+from .model_sources import backbone_class
+from .modeling_backbone import FEATURE_BATCH_SIZE, CopaModelOutput, FewShotBackbone, check_backbone_weights
+from .validation import CopaTypeError, CopaValueError
 
-FEATURE_BATCH_SIZE = 64
-
-
-@dataclass
-class CopaModelOutput(ModelOutput):
-    """Backbone outputs.
-
-    Args:
-        last_hidden_state: Feature map of the last stage, [N, feature_dim, h, w] (h = w = 6 for 84x84 inputs).
-        pooler_output: Globally average-pooled features, [N, feature_dim] (512 for URL's ResNet-18).
-    """
-
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
+__all__ = [
+    "FEATURE_BATCH_SIZE",
+    "CopaForFewShotClassification",
+    "CopaModel",
+    "CopaModelOutput",
+    "CopaPreTrainedModel",
+]
 
 
 class BasicBlock(nn.Module):
@@ -99,8 +89,16 @@ class CopaPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
 
-class CopaModel(CopaPreTrainedModel):
-    """Frozen multi-domain feature extractor: images -> 512-d features, and `adapt` to a few-shot task."""
+class CopaModel(FewShotBackbone, CopaPreTrainedModel):
+    """Frozen multi-domain feature extractor: images -> 512-d features, and `adapt` to a few-shot task.
+
+    Loading, feature extraction and `adapt` are every backbone's (`hf_copa.modeling_backbone`); this class is
+    the network, with TSA's residual-adapter points beside each 3x3 block convolution.
+    """
+
+    offers = frozenset({FEATURES, MAPS, RESIDUAL_ADAPTERS})
+    image_processor_class = CopaImageProcessor
+    family_name = "URL ResNet-18"
 
     def __init__(self, config: CopaConfig) -> None:
         super().__init__(config)
@@ -130,71 +128,17 @@ class CopaModel(CopaPreTrainedModel):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.post_init()
 
-    @property
-    def feature_dim(self) -> int:
-        return self.config.feature_dim
+    def feature_map(
+        self, pixel_values: torch.Tensor, adapters: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The last stage's map [N, 512, h, w]; `adapters` (name -> alpha) run the task-adapted stages."""
+        return self.run_stages(self.embed_stem(pixel_values), adapters)
 
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any
-    ) -> CopaModel:
-        """As `PreTrainedModel.from_pretrained`, but refusing what is not a complete CoPA backbone, and
-        recording the Hub commit the weights came from (`hub_revision`; None for a local folder), which
-        adapted heads pin as their base revision.
+    def check_adapters(self, adapters: Mapping[str, torch.Tensor]) -> None:
+        check_adapters(self, adapters)
 
-        A folder that does not exist, holds another model type, an adapted head, or no weights, and a
-        checkpoint with missing, unexpected or wrongly shaped weights, each raise a `ValueError` that names
-        what was found (transformers would instead build a partly random model). `hf_copa.DEFAULT_MODEL`
-        (and its folder) load the bundled default and keep its name.
-        """
-        source = resolve_model_source(pretrained_model_name_or_path)
-        wants_info = kwargs.pop("output_loading_info", False)
-        if not source.is_local and "config" not in kwargs:
-            try:
-                config, _ = PreTrainedConfig.get_config_dict(source.load_from, **_hub_kwargs(kwargs))
-            except OSError as err:
-                raise OSError(
-                    f"{source.load_from!r} is not a local folder, and no Hub repo of that name could be "
-                    f"loaded: {err}"
-                ) from err
-            check_backbone_config(config, f"The Hub repo {source.load_from!r}")
-        where = f"{source.name!r}"
-        with quiet_transformers():
-            try:
-                model, info = super().from_pretrained(
-                    source.load_from, *args, output_loading_info=True, **kwargs
-                )
-            except SafetensorError as err:
-                raise CopaValueError(
-                    f"The weights of {where} cannot be read ({err}): the file is damaged or incomplete; "
-                    "re-download or re-save the model."
-                ) from None
-        check_loading_info(info, where)
-        model.config._name_or_path = source.name
-        model.hub_revision = None if source.is_local else _resolved_commit(source.load_from, kwargs)
-        return (model, info) if wants_info else model
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        adapters: Mapping[str, torch.Tensor] | None = None,
-        weights: Mapping[str, torch.Tensor] | None = None,
-        **kwargs: Any,
-    ) -> CopaModelOutput:
-        """pixel_values [N, 3, H, W] scaled to [-1, 1] -> feature map and pooled [N, feature_dim] features.
-
-        `adapters` (name -> alpha, e.g. a TSA head's) run the task-adapted backbone; see `hf_copa.adapters`.
-        `weights` (parameter name -> tensor, e.g. a head fine-tuned on all layers) replace those parameters
-        for this call only (`torch.func.functional_call`): the model's own weights are neither read nor
-        changed for them, so one backbone serves any number of fine-tuned heads.
-        """
-        if adapters:
-            check_adapters(self, adapters)
-        if weights:
-            check_backbone_weights(self, weights)
-            return torch.func.functional_call(self, dict(weights), (pixel_values,), {"adapters": adapters})
-        hidden = self.run_stages(self.embed_stem(pixel_values), adapters)
-        return CopaModelOutput(last_hidden_state=hidden, pooler_output=self.pool(hidden))
+    def classifier_class(self) -> type[CopaForFewShotClassification]:
+        return CopaForFewShotClassification
 
     def embed_stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(pixel_values))))
@@ -220,159 +164,20 @@ class CopaModel(CopaPreTrainedModel):
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.avgpool(hidden).flatten(1)
 
-    def default_image_processor(self) -> CopaImageProcessor:
-        """The image processor matching this model's input contract."""
-        return CopaImageProcessor.from_copa_config(self.config)
-
-    @torch.no_grad()
-    def extract_features(
-        self,
-        images: Any,
-        image_processor: Any = None,
-        batch_size: int = FEATURE_BATCH_SIZE,
-        adapters: Mapping[str, torch.Tensor] | None = None,
-        weights: Mapping[str, torch.Tensor] | None = None,
-        spatial: bool = False,
-    ) -> torch.Tensor:
-        """Pooled features [N, feature_dim] of images (PIL / arrays / paths, or pixel_values [N, 3, H, W]);
-        with `spatial=True` the last stage's maps before pooling, [N, feature_dim, h, w].
-
-        BatchNorm always runs in eval mode here: the backbone is frozen (see `hf_copa.frozen`). (no_grad
-        rather than inference_mode: learners that optimise on these features need ordinary tensors.)
-        `adapters` and `weights` give the features of a task-adapted backbone (a head's `backbone_state()`).
-        """
-        pixel_values = self.to_pixel_values(images, image_processor)
-        if adapters:
-            adapters = {name: alpha.to(self.device, self.dtype) for name, alpha in adapters.items()}
-        if weights:
-            weights = {name: weight.to(self.device, self.dtype) for name, weight in weights.items()}
-        output = "last_hidden_state" if spatial else "pooler_output"
-        with frozen_backbone(self):
-            chunks = [
-                getattr(
-                    self(
-                        pixel_values[start : start + batch_size].to(
-                            self.device, self.dtype, memory_format=torch.channels_last
-                        ),
-                        adapters=adapters,
-                        weights=weights,
-                    ),
-                    output,
-                )
-                for start in range(0, len(pixel_values), batch_size)
-            ]
-        return torch.cat(chunks).float().contiguous()
-
-    def to_pixel_values(self, images: Any, image_processor: Any = None) -> torch.Tensor:
-        """Pixel values [N, 3, H, W] of images, through `image_processor` (default: this model's own).
-
-        A float torch tensor [N, 3, H, W] is taken as pixel values already (what the processor returns, as
-        `model(pixel_values)` takes them, in [-1, 1]); everything else is images, one or a batch, by the
-        processor's rules (see `hf_copa.image_processing_copa`). Float images in [0, 1] belong in a numpy
-        array, a list, or the processor: such a tensor with no negative value gets a warning, because
-        pixel values of real images almost always have some.
-        """
-        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
-            if images.shape[1] != self.config.num_channels:
-                raise CopaValueError(
-                    f"pixel_values must be [N, {self.config.num_channels}, H, W], got {tuple(images.shape)}; "
-                    "images go in as PIL images, arrays, uint8 tensors or a list of them."
-                )
-            if len(images) and images.min() >= 0 and images.max() <= 1 and images.max() > 0:
-                warnings.warn(
-                    f"A float tensor of shape {tuple(images.shape)} with values in [0, 1] is taken as pixel "
-                    "values, which are in [-1, 1]; if these are images, pass them through the image "
-                    "processor (or as uint8, or a list) instead.",
-                    stacklevel=3,
-                )
-            pixel_values = images
-        else:
-            processor = image_processor or self.default_image_processor()
-            pixel_values = processor(images, return_tensors="pt")["pixel_values"]
-        if len(pixel_values) == 0:
-            raise CopaValueError("No images given: pass at least one image.")
-        return pixel_values
-
-    def adapt(
-        self,
-        support_images: Any,
-        support_labels: Sequence[Hashable],
-        method: str = "copa",
-        preset: str | None = None,
-        image_processor: Any = None,
-        **hyperparameters: Any,
-    ) -> CopaForFewShotClassification:
-        """Adapt to the classes of a support set and return a classifier for them.
-
-        Labels may be any hashable values; `.labels` of the result gives the class
-        order (sorted when the labels are mutually comparable, else first appearance).
-        Hyperparameters (`steps`, `lr`, `weight_decay`, `tau`, `scale`, and TSA's `lr_beta` /
-        `adapter_lr_scale`) override this model's defaults for `method`; `preset` picks a named setting.
-        """
-        labels = (
-            list(support_labels) if not isinstance(support_labels, torch.Tensor) else support_labels.tolist()
-        )
-        class_names = class_order(labels)
-        index = {name: i for i, name in enumerate(class_names)}
-        adapted = adapt_to_task(
-            self,
-            torch.tensor([index[label] for label in labels]),
-            method,
-            support_images=support_images,
-            preset=preset,
-            image_processor=image_processor,
-            **hyperparameters,
-        )
-        return CopaForFewShotClassification.from_adapted(
-            self, adapted.head, class_names, image_processor, support_labels=labels
-        )
-
-
-def check_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Raise a ValueError unless every entry names a parameter of `model` with its shape."""
-    parameters = dict(model.named_parameters())
-    for name, weight in weights.items():
-        if name not in parameters:
-            raise ValueError(
-                f"Backbone parameter {name!r} is not a parameter of this backbone (it has "
-                f"{', '.join(list(parameters)[:3])}, ...); the weights were fine-tuned on another backbone."
-            )
-        if tuple(weight.shape) != tuple(parameters[name].shape):
-            raise ValueError(
-                f"Backbone parameter {name!r} has shape {tuple(weight.shape)} but this backbone's is "
-                f"{tuple(parameters[name].shape)}; the weights were fine-tuned on another backbone."
-            )
-
-
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: kwargs[k]
-        for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only")
-        if k in kwargs
-    }
-
-
-def _resolved_commit(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
-    """The commit hash behind a Hub id's cached config (transformers 5 keeps none on the config)."""
-    from transformers.utils.hub import cached_file, extract_commit_hash
-
-    hub_kwargs = {**_hub_kwargs(kwargs), "local_files_only": True}
-    resolved = cached_file(str(name_or_path), "config.json", **hub_kwargs)
-    return extract_commit_hash(resolved, None)
-
 
 class CopaForFewShotClassification(CopaPreTrainedModel):
     """A frozen backbone plus an adapted head: a classifier for the support set's classes.
 
     `save_pretrained` / `push_to_hub` store only the head (see `hf_copa.heads`), pinned to its base model;
-    `from_pretrained` reads it back and fetches that base model (or takes `base_model=`).
+    `from_pretrained` reads it back and fetches that base model (or takes `base_model=`). The backbone may be
+    of any family (`hf_copa.modeling_backbone`); the config is the backbone's, with the head's metadata.
     """
 
     def __init__(
-        self, config: CopaConfig, backbone: CopaModel | None = None, head: AdaptedHead | None = None
+        self, config: BackboneConfig, backbone: FewShotBackbone | None = None, head: AdaptedHead | None = None
     ) -> None:
         super().__init__(config)
-        self.copa = backbone if backbone is not None else CopaModel(config)
+        self.copa = backbone if backbone is not None else backbone_class(config.model_type)(config)
         self.head = head
         self.class_labels: list[Hashable] = [config.id2label[i] for i in range(len(config.id2label))]
         self.image_processor = None
@@ -384,13 +189,13 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
     @classmethod
     def from_adapted(
         cls,
-        backbone: CopaModel,
+        backbone: FewShotBackbone,
         head: AdaptedHead,
         class_names: Sequence[Hashable],
         image_processor: Any = None,
         support_labels: Sequence[Hashable] | None = None,
     ) -> CopaForFewShotClassification:
-        config = CopaConfig.from_dict(backbone.config.to_dict())
+        config = type(backbone.config).from_dict(backbone.config.to_dict())
         config.id2label = {i: str(name) for i, name in enumerate(class_names)}
         config.label2id = {str(name): i for i, name in enumerate(class_names)}
         config.architectures = [cls.__name__]
@@ -491,7 +296,7 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *model_args: Any,
-        base_model: CopaModel | None = None,
+        base_model: FewShotBackbone | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         force_download: bool = False,
@@ -502,9 +307,10 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
     ) -> CopaForFewShotClassification:
         """Load a head saved by `save_pretrained` / `push_to_hub` (a folder or Hub id) onto its base model.
 
-        Without `base_model`, the pinned base model is fetched with
-        `CopaModel.from_pretrained(base_id, revision=base_revision)`; remaining kwargs (e.g. `dtype`) go
-        there. `revision` and the other hub arguments apply to the head's repo.
+        Without `base_model`, the pinned base model is fetched with its family's
+        `from_pretrained(base_id, revision=base_revision)` (`CopaModel`, `EfficientNetLiteModel`, ...: the
+        head's config names the family); remaining kwargs (e.g. `dtype`) go there. `revision` and the other
+        hub arguments apply to the head's repo.
         """
         if model_args:
             raise CopaTypeError(
@@ -525,8 +331,17 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
             )
         if base_model is None:
             base_model = _fetch_base_model(artifact, token=token, **hub, **kwargs)
-        elif not isinstance(base_model, CopaModel):
-            raise CopaTypeError(f"base_model must be a CopaModel, got {type(base_model).__name__}.")
+        elif not isinstance(base_model, FewShotBackbone):
+            raise CopaTypeError(
+                f"base_model must be a backbone (CopaModel, EfficientNetLiteModel, ...), got "
+                f"{type(base_model).__name__}."
+            )
+        elif base_model.config.model_type != artifact.config.model_type:
+            raise CopaValueError(
+                f"The head was adapted on a {artifact.config.model_type!r} backbone "
+                f"({artifact.base_model.name_or_path!r}) but base_model is a "
+                f"{base_model.config.model_type!r} one; pass the backbone the head was adapted on."
+            )
         elif any(value not in (None, "auto") for value in kwargs.values()):
             raise CopaTypeError(
                 f"{sorted(kwargs)} only apply when the base model is fetched (base_model=None)."
@@ -539,7 +354,8 @@ class CopaForFewShotClassification(CopaPreTrainedModel):
             )
         if artifact.head.adapts_backbone:
             try:
-                check_adapters(base_model, artifact.head.adapters)
+                if artifact.head.adapters:
+                    base_model.check_adapters(artifact.head.adapters)
                 check_backbone_weights(base_model, artifact.head.backbone_weights)
             except ValueError as err:
                 raise ValueError(
@@ -598,24 +414,25 @@ _LOADER_INTERNAL_KWARGS = (
 )
 
 
-def _fetch_base_model(artifact: heads.HeadArtifact, **kwargs: Any) -> CopaModel:
-    """The base model a head pins: `CopaModel.from_pretrained(id, revision=commit)`."""
+def _fetch_base_model(artifact: heads.HeadArtifact, **kwargs: Any) -> FewShotBackbone:
+    """The base model a head pins: its family's `from_pretrained(id, revision=commit)`."""
     reference = artifact.base_model
     if not reference.name_or_path:
         raise ValueError(
             f"The head in {str(artifact.folder)!r} records no base model (it was adapted on a random "
-            "backbone); pass base_model=<that CopaModel>."
+            "backbone); pass base_model=<that backbone>."
         )
     if kwargs.get("dtype") == "auto":
         kwargs.pop("dtype")
     if kwargs.get("device_map") is None:
         kwargs.pop("device_map", None)
     try:
-        backbone = CopaModel.from_pretrained(reference.name_or_path, revision=reference.revision, **kwargs)
+        family = backbone_class(artifact.config.model_type)
+        backbone = family.from_pretrained(reference.name_or_path, revision=reference.revision, **kwargs)
     except OSError as err:
         raise ValueError(
             f"Could not load the head's base model {reference.name_or_path!r} (revision "
-            f"{reference.revision!r}): {err}. Pass base_model=<a CopaModel> to use one you have."
+            f"{reference.revision!r}): {err}. Pass base_model=<a backbone> to use one you have."
         ) from err
     return backbone.eval()
 

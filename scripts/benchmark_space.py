@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from _quick import add_quick_flag, parse_quick  # scripts/_quick.py
 
-# --quick: the first bundled task only, 1 thread, one timed run, the default method and copa+tsa (the
-# cheaper of the backbone-adapting ones, whose run also embeds through the adapted backbone).
-QUICK_DEFAULTS = {"threads": [1], "repeats": 1, "methods": ["copa", "copa+tsa"]}
+# --quick: the first bundled task only, 1 thread, one timed run, the default method and url.
+QUICK_DEFAULTS = {"threads": [1], "repeats": 1, "methods": ["copa", "url"]}
 
 
 def tasks(folder: Path | None, first_only: bool = False) -> dict[str, object]:
@@ -57,18 +56,25 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default=None, help="Hub id or folder (default: the bundled backbone)")
-    parser.add_argument("--methods", nargs="+", default=list(methods()), choices=list(methods()))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(methods()),
+        help="default: every one the model serves",
+    )
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, help="time this task (support/ and query/ class folders)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_quick_flag(
         parser,
-        "the first bundled task, --threads 1 --repeats 1 --methods copa copa+tsa",
+        "the first bundled task, --threads 1 --repeats 1 --methods copa url",
     )
     args = parse_quick(parser, argv, QUICK_DEFAULTS)
 
     model = load_model(args.model)
+    args.methods = args.methods or list(methods(model))
     named_tasks = tasks(args.folder, first_only=args.quick)
     rows = []
     for threads in args.threads:

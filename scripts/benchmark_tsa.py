@@ -31,18 +31,20 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 METHODS = ("copa", "tsa", "copa+tsa", "finetune-all", "proto-maml-all")
 EPISODES = {"5-way 1-shot": (5, 1), "5-way 5-shot": (5, 5), "10-way 5-shot": (10, 5)}
 QUERIES_PER_CLASS = 15
-# --quick: the bundled backbone (no reference checkpoint needed), 5-way 1-shot, one timed run.
-QUICK_DEFAULTS = {"models": ["default"], "episodes": ["5-way 1-shot"], "repeats": 1}
+# --quick: the small bundled ResNet-18 (no reference checkpoint needed), 5-way 1-shot, one timed run.
+QUICK_DEFAULTS = {"models": ["copa-mdl-small"], "episodes": ["5-way 1-shot"], "repeats": 1}
 
 
 def load(model_name: str, reference_dir: Path):
-    """'url-resnet18': URL's ResNet-18 (84x84, 512-d) with the reference checkpoint's weights; 'default':
-    the bundled backbone; anything else: a folder or Hub id."""
+    """'url-resnet18': URL's ResNet-18 (84x84, 512-d) with the reference checkpoint's weights;
+    'copa-mdl-small': the small bundled ResNet-18 (`hf_copa.SMALL_RESNET`; TSA needs a ResNet, which the
+    default EfficientNet-Lite is not); anything else: a folder or Hub id."""
+    from hf_copa.bundled import SMALL_RESNET
     from hf_copa.conversion import load_url_backbone
     from hf_copa.pretrained import load_model
 
     if model_name != "url-resnet18":
-        return load_model(None if model_name == "default" else model_name)
+        return load_model(SMALL_RESNET if model_name == "copa-mdl-small" else model_name)
     return load_url_backbone(reference_dir / "url_checkpoint.pth.tar.xz", stem_padding=2)  # as measured
 
 
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["url-resnet18", "default"])
+    parser.add_argument("--models", nargs="+", default=["url-resnet18", "copa-mdl-small"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--episodes", nargs="+", default=list(EPISODES), choices=list(EPISODES))
     parser.add_argument("--repeats", type=int, default=3)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     add_quick_flag(
         parser,
-        "--models default --episodes '5-way 1-shot' --repeats 1, all methods",
+        "--models copa-mdl-small --episodes '5-way 1-shot' --repeats 1, all methods",
     )
     args = parse_quick(parser, argv, QUICK_DEFAULTS)
 

@@ -9,9 +9,9 @@ support images). In one run it measures
   batched (padded chunks, as `evaluate` runs them) and one by one (`Learner.fit`), and where its FLOPs are
   counted analytically the share of the float32 peak; for copa, the 13 x 600 Meta-Dataset episodes
   projected from the batched rate,
-- feature extraction images/s of the bundled model and of a URL-sized ResNet-18 at 84 px, float32 and bf16
-  autocast, channels-last or not,
-- TSA's seconds per episode (5-way 5-shot on the bundled model),
+- feature extraction images/s of the default model (EfficientNet-Lite0, 128 px), the small bundled ResNet-18
+  (64 px) and a URL-sized ResNet-18 at 84 px, float32 and bf16 autocast, channels-last or not,
+- TSA's seconds per episode (5-way 5-shot on the small bundled ResNet-18),
 - the largest |logit| difference between the device and the CPU on the same episodes, per learner.
 
 It writes one JSON (`--json`) and prints a table.
@@ -202,10 +202,14 @@ def learner_rows(
 
 def extraction_rows(device: torch.device, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Images/s of a forward pass at the model's input size, per model and precision and memory format."""
-    from hf_copa import CopaConfig, CopaModel
+    from hf_copa import SMALL_RESNET, CopaConfig, CopaModel
     from hf_copa.pretrained import load_model
 
-    models = {"bundled": load_model(), "url-resnet18": CopaModel(CopaConfig()).eval()}
+    models = {
+        "default": load_model(),
+        "copa-mdl-small": load_model(SMALL_RESNET),
+        "url-resnet18": CopaModel(CopaConfig()).eval(),
+    }
     rows = []
     for name, model in models.items():
         model = model.to(device)
@@ -241,13 +245,15 @@ def extraction_rows(device: torch.device, args: argparse.Namespace) -> list[dict
 
 
 def tsa_row(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    """TSA on one 5-way 5-shot episode of generated images on the bundled model, on `device`."""
+    """TSA on one 5-way 5-shot episode of generated images on the small bundled ResNet-18 (TSA needs a
+    ResNet: the default EfficientNet-Lite refuses it), on `device`."""
     from hf_copa.adaptation import adapt_to_task
+    from hf_copa.bundled import SMALL_RESNET
     from hf_copa.frozen import frozen_backbone
     from hf_copa.learners import get_learner
     from hf_copa.pretrained import load_model
 
-    model = load_model()
+    model = load_model(SMALL_RESNET)
     side = model.config.image_size
     generator = torch.Generator().manual_seed(0)
     support = torch.rand(25, 3, side, side, generator=generator) * 2 - 1

@@ -139,7 +139,7 @@ def test_a_set_of_hub_members_is_saved_by_reference_and_pushed(backbone_set, ima
             "prepare images differently",
         ),
         (lambda: [("a", tiny_backbone()), ("b/c", tiny_backbone(1))], "without '/'"),
-        (lambda: [("a", tiny_backbone()), ("b", torch.nn.Linear(2, 2))], "holds CopaModels"),
+        (lambda: [("a", tiny_backbone()), ("b", torch.nn.Linear(2, 2))], "a set holds backbones"),
     ],
 )
 def test_a_set_that_cannot_stack_its_features_is_refused(members, message):

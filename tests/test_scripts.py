@@ -91,7 +91,7 @@ def check_space(out: dict) -> None:
     rows = out["rows"]
     assert [(r["task"], r["method"], r["threads"]) for r in rows] == [
         ("quickdraw", "copa", 1),
-        ("quickdraw", "copa+tsa", 1),
+        ("quickdraw", "url", 1),
     ]
     for row in rows:
         assert row["support"] > 0 and row["queries"] > 0
@@ -102,7 +102,7 @@ def check_tsa(out: dict) -> None:
     assert out["hardware"]["quick"] is True and out["hardware"]["threads"] == 1
     rows = out["rows"]
     assert [(r["model"], r["episode"], r["method"]) for r in rows] == [
-        ("default", "5-way 1-shot", method)
+        ("copa-mdl-small", "5-way 1-shot", method)
         for method in ("copa", "tsa", "copa+tsa", "finetune-all", "proto-maml-all")
     ]
     for row in rows:
@@ -141,7 +141,7 @@ def check_gpu(out: dict) -> None:
     copa = next(r for r in out["learners"] if r["method"] == "copa")
     assert copa["projected_meta_dataset_seconds"] == pytest.approx(7800 * copa["seconds_per_episode_batched"])
     assert {(r["model"], r["channels_last"]) for r in out["extraction"]} == {
-        (m, c) for m in ("bundled", "url-resnet18") for c in (False, True)
+        (m, c) for m in ("default", "copa-mdl-small", "url-resnet18") for c in (False, True)
     }
     assert all(r["images_per_s"] > 0 for r in out["extraction"]) and out["tsa"]["seconds_per_episode"] > 0
     assert out["matmul_peak_gflops"]["float32"] > 0

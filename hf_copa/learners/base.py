@@ -27,6 +27,18 @@ from ..validation import (
     as_pixel_values,
 )
 
+SMALL_RESNET_NAME = "hf_copa:copa-mdl-small"  # `hf_copa.bundled.SMALL_RESNET` (bundled imports no learner)
+
+# What a backbone can give a learner (`FewShotBackbone.offers`; a backbone set offers its members' features).
+FEATURES = "features"  # pooled features [N, d]
+MAPS = "maps"  # the last feature map before pooling [N, d, h, w]
+RESIDUAL_ADAPTERS = "residual-adapters"  # TSA's 1x1 adapters beside the 3x3 block convolutions of a ResNet
+CAPABILITY_WORDS = {
+    FEATURES: "pooled features",
+    MAPS: "feature maps before pooling",
+    RESIDUAL_ADAPTERS: "residual-adapter points (TSA's adapters beside a ResNet's 3x3 block convolutions)",
+}
+
 # What a hyperparameter of a given name must be, whichever learner declares it.
 HYPERPARAMETER_RULES: dict[str, str] = {
     "steps": "a non-negative integer",
@@ -83,6 +95,9 @@ class Learner:
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # True for learners that put parameters inside the backbone (TSA): they adapt on images.
     needs_backbone: ClassVar[bool] = False
+    # What the backbone must offer beyond pooled features (`RESIDUAL_ADAPTERS` for TSA); a learner with
+    # `feature_kind = "maps"` needs `MAPS` too.
+    requires: ClassVar[frozenset[str]] = frozenset()
     # What a feature learner fits on: "pooled" features [N, d], the last stage's "maps" [N, d, h, w]
     # before pooling (CoPA's transformer head; evaluation extracts and caches maps only for it), or
     # "backbones": a `CopaBackboneSet`'s [N, B, d] (SUR, URT).
@@ -158,20 +173,44 @@ class Learner:
         return self.check_converged([head])[0]
 
     def check_model(self, model: Any) -> None:
-        """Refuse a model this learner cannot use: a backbone set for a one-backbone method, and one backbone
-        for a method that combines several (URT also checks the set its layer was trained on)."""
+        """Refuse a model this learner cannot use, before any image is read: a backbone set for a one-backbone
+        method, one backbone for a method that combines several, and a backbone that lacks what the method
+        needs (`requires`: TSA's residual adapters on EfficientNet-Lite). URT also checks its layer's set."""
+        problem = self.model_problem(model)
+        if problem is not None:
+            raise CopaValueError(problem)
+
+    @classmethod
+    def model_problem(cls, model: Any) -> str | None:
+        """Why this method cannot run on `model` (a backbone or a backbone set), or None when it can."""
         several = callable(getattr(model, "feature_members", None))
-        if several and self.feature_kind != "backbones":
-            raise CopaValueError(
-                f"{self.name!r} works on one backbone, but the model is a set of "
+        if several and cls.feature_kind != "backbones":
+            return (
+                f"{cls.name!r} works on one backbone, but the model is a set of "
                 f"{len(model.feature_members())} backbones; use a several-backbone method (sur, urt) on the "
                 "set, or pass one of its backbones."
             )
-        if not several and self.feature_kind == "backbones":
-            raise CopaValueError(
-                f"{self.name!r} combines several backbones, but the model is one backbone; pass a backbone "
+        if not several and cls.feature_kind == "backbones":
+            return (
+                f"{cls.name!r} combines several backbones, but the model is one backbone; pass a backbone "
                 "set (CopaBackboneSet, written by `hf-copa bundle`)."
             )
+        missing = cls.missing_capabilities(model)
+        if missing:
+            family = getattr(model, "family_name", type(model).__name__)
+            return (
+                f"{cls.name!r} needs a backbone with {' and '.join(CAPABILITY_WORDS[m] for m in missing)}, "
+                f"which this {family} backbone does not have; run it on URL's ResNet-18 (hf-copa convert "
+                f"of URL's checkpoint, or {SMALL_RESNET_NAME}), or choose a method this backbone serves "
+                f"({', '.join(methods_for(model))})."
+            )
+        return None
+
+    @classmethod
+    def missing_capabilities(cls, model: Any) -> list[str]:
+        """What this method needs that `model` does not offer (`FewShotBackbone.offers`)."""
+        needed = set(cls.requires) | ({MAPS} if cls.feature_kind == "maps" else set())
+        return sorted(needed - set(getattr(model, "offers", needed)))
 
     def observed(self, image_map: torch.Tensor, prototype_map: torch.Tensor) -> Callable[[int], None] | None:
         """`run_steps`' `after_step` that shows these maps to `step_observer`, or None without one."""
@@ -279,6 +318,19 @@ class BackboneLearner(Learner):
         raise NotImplementedError
 
 
+def methods_for(model: Any) -> list[str]:
+    """The registered methods `model` (a backbone or a backbone set) can run, sorted."""
+    from .registry import available_methods, learner_class
+
+    several = callable(getattr(model, "feature_members", None))
+    return [
+        method
+        for method in available_methods()
+        if (learner_class(method).feature_kind == "backbones") == several
+        and not learner_class(method).missing_capabilities(model)
+    ]
+
+
 def _adaptation_memory_format(backbone: nn.Module) -> torch.memory_format:
     """Channels-last inputs make the convolutions pick faster kernels (~20% per step on CPU), except where
     oneDNN crashes: on AVX-512 CPUs its multi-threaded backward of a channels-last 1x1 convolution (the
@@ -363,4 +415,15 @@ def split_linear_heads(
     return heads
 
 
-__all__ = ["BackboneLearner", "HYPERPARAMETER_RULES", "Learner", "split_heads", "split_linear_heads"]
+__all__ = [
+    "CAPABILITY_WORDS",
+    "FEATURES",
+    "HYPERPARAMETER_RULES",
+    "MAPS",
+    "RESIDUAL_ADAPTERS",
+    "BackboneLearner",
+    "Learner",
+    "methods_for",
+    "split_heads",
+    "split_linear_heads",
+]

@@ -15,7 +15,7 @@ import torch
 from ..adapters import adapted_features, identity_adapters
 from ..heads import AdaptedHead
 from ..losses import class_means, one_hot_labels, symmetric_contrastive_loss
-from .base import BackboneLearner
+from .base import RESIDUAL_ADAPTERS, BackboneLearner
 from .optimization import identity_matrices, run_steps
 from .registry import register_learner
 
@@ -25,6 +25,7 @@ class CopaTSALearner(BackboneLearner):
     description = "adds residual adapters in the backbone's middle stages to CoPA's two maps (slower)"
     # models/adaptation.py::tsa_adaptation: 40 Adam steps, heads at lr, adapters at lr * adapter_lr_scale.
     linear_maps = "separate"
+    requires = frozenset({RESIDUAL_ADAPTERS})  # URL's ResNet-18 has them; EfficientNet-Lite has none
     default_hyperparameters = {
         "steps": 40,
         "lr": 1e-3,

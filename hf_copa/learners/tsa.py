@@ -15,7 +15,7 @@ import torch
 from ..adapters import adapted_features, identity_adapters
 from ..heads import AdaptedHead
 from ..losses import class_means, cosine_scores, ncc_loss, one_hot_labels
-from .base import BackboneLearner
+from .base import RESIDUAL_ADAPTERS, BackboneLearner
 from .optimization import identity_matrices, run_steps
 from .registry import register_learner
 
@@ -25,6 +25,7 @@ class TSALearner(BackboneLearner):
     description = "also adapts the backbone, with residual adapters in every stage, plus one map (slower)"
     # models/tsa.py: 40 Adadelta steps, lr for the adapters (alpha), lr_beta for the head (beta).
     linear_maps = "shared"
+    requires = frozenset({RESIDUAL_ADAPTERS})  # URL's ResNet-18 has them; EfficientNet-Lite has none
     default_hyperparameters = {"steps": 40, "lr": 0.5, "lr_beta": 1.0, "scale": 10.0}
     presets = {
         "seen": {"lr": 0.05, "lr_beta": 0.1},

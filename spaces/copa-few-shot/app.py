@@ -240,10 +240,10 @@ def build_app(idle_seconds: float | None = None) -> tuple[gr.Blocks, SessionUplo
                     elem_id="query-images",
                 )
                 method = gr.Radio(
-                    list(methods()),
+                    list(methods(MODEL)),
                     value="copa",
                     label="Method",
-                    info="; ".join(f"{name} {what}" for name, what in methods().items()) + ".",
+                    info="; ".join(f"{name} {what}" for name, what in methods(MODEL).items()) + ".",
                 )
                 classify_button = gr.Button("Classify", variant="primary", elem_id="copa-classify")
                 gr.Markdown("**Or start from an example task** (real images; then press Classify):")

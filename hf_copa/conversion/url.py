@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .configuration_copa import CopaConfig
-from .files import check_output_folder, match_umask, save_safetensors, write_text_atomically
-from .image_processing_copa import CopaImageProcessor
-from .modeling_copa import CopaModel
-from .quiet import quiet_transformers
-from .validation import CopaValueError
+from ..configuration_copa import CopaConfig
+from ..files import check_output_folder, match_umask, save_safetensors, write_text_atomically
+from ..image_processing_copa import CopaImageProcessor
+from ..modeling_copa import CopaModel
+from ..quiet import quiet_transformers
+from ..validation import CopaValueError
 
 # URL's training domains, in the order of its `cls_fn.{0..7}` heads (Meta-Dataset's eight training sources).
 URL_TRAINING_DOMAINS = (
@@ -193,7 +193,7 @@ def convert_urt_checkpoint(
     temperature, a separate parameter (l. 158), is not saved there: `temperature` stands for it (its
     initial value by default). It scales every logit alike, so accuracies do not depend on it.
     """
-    from .learners.urt import URT_LAYER_CONFIG, URT_LAYER_WEIGHTS, URTLayer, push_urt_layer, save_urt_layer
+    from ..learners.urt import URT_LAYER_CONFIG, URT_LAYER_WEIGHTS, URTLayer, push_urt_layer, save_urt_layer
 
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise CopaValueError(f"temperature must be a positive number, got {temperature!r}.")
