@@ -32,6 +32,7 @@ _HOMES = {
     "EfficientNetLiteImageProcessor": "image_processing_efficientnet_lite",
     "EfficientNetLiteModel": "modeling_efficientnet_lite",
     "SMALL_RESNET": "bundled",
+    "EFFICIENTNET_LITE0": "bundled",
     "Learner": "learners",
     "adapt": "adaptation",
     "adapt_to_task": "adaptation",

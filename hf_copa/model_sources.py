@@ -62,6 +62,7 @@ def resolve_model_source(name_or_path: Any, expected_type: str | None = None) ->
     """
     bundled = bundled_model_path(name_or_path)
     if bundled is not None:
+        check_model_folder(bundled, expected_type)
         return ModelSource(str(bundled), str(name_or_path), is_local=True)
     text = str(name_or_path)
     path = Path(text).expanduser()

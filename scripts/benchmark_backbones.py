@@ -2,38 +2,48 @@
 URL-layout ResNet-18, on the six shared datasets: accuracy, adaptation time and extraction speed.
 
     python scripts/benchmark_backbones.py --efficientnet-sizes 84 128 160 224 \
-        --json runs/benchmark_backbones.json
+        --json runs/benchmark_backbones.json                      # the README table (hours: see below)
+    python scripts/benchmark_backbones.py --json runs/benchmark_backbones.json   # 128 px only: ~1/3 of that
     python scripts/benchmark_backbones.py --backbones efficientnet-lite0 --datasets mnist --episodes 20
-    python scripts/benchmark_backbones.py --quick --json out.json   # a smoke test: under a minute
+    python scripts/benchmark_backbones.py --quick --json out.json   # a smoke test: ~40 s on one thread
 
 The README's table "the default vs the old default vs converted URL-layout networks on the six shared
-datasets" comes from the first command above, run as it stands (2 threads, every other flag at its default:
-100 episodes, seed 0, 5-way-5-shot and meta-dataset, ncc url copa, the README evaluation's presets).
+datasets" comes from the first command above, exactly as written, on the 2-core CPU with nothing else
+running (every other flag at its default: --threads 2, --episodes 100, --seed 0, --protocol 5-way-5-shot
+meta-dataset, --method ncc url copa, the README evaluation's presets as overrides). Each backbone embeds
+about 53,000 rows (the rows 100 episodes of both protocols touch on the six test splits), and CoPA's and
+URL's heads on EfficientNet's 1280-d features take about a second per episode: estimated from the quick run,
+roughly 3 h in all (about 1 h without the three extra sizes). Its JSON records the command and the machine.
+Two threads on two cores shared with another job run many times slower (OpenMP), so time it on a quiet CPU.
 
 Backbones (`--backbones`, in this order):
 - `efficientnet-lite0`: the packaged EfficientNet-Lite0 ImageNet weights
-  (`hf_copa.bundled.packaged_checkpoint`) at each `--efficientnet-sizes` input size; 128 px is `hf_copa.DEFAULT_MODEL` itself, any other size is
-  converted by `convert_efficientnet_lite_checkpoint(..., image_size=SIZE)` into a temporary folder.
+  (`hf_copa.bundled.packaged_checkpoint`) at each `--efficientnet-sizes` input size; 128 px is
+  `hf_copa.DEFAULT_MODEL` itself, any other size is converted by
+  `convert_efficientnet_lite_checkpoint(..., image_size=SIZE)` into a temporary folder (under `--cache-dir`
+  when one is given, so that its cached features are found again).
 - `copa-mdl-small`: `hf_copa.bundled.SMALL_RESNET`, the old default (half-width ResNet-18, 64 px).
 - `url-reference`: `--url-checkpoint` (default ../shared/reference/url_checkpoint.pth.tar.xz) converted by
-  `hf_copa.conversion.convert_url_checkpoint`. That file is laid out like URL's released checkpoint but holds
-  coarse RANDOM weights: its accuracies are a stand-in for a converted URL network's, not URL's results (its
-  speed figures are real). The table says so.
+  `hf_copa.conversion.convert_url_checkpoint` (likewise). That file is laid out like URL's released
+  checkpoint but holds coarse RANDOM weights: its accuracies are a stand-in for a converted URL network's,
+  not URL's results (its speed figures are real). The table says so.
 
 For each backbone, dataset, protocol and method: mean accuracy (%) with its 95% CI over `--episodes` episodes
 (`hf_copa.evaluation.summarise`, as `hf-copa evaluate` reports it), and the learner's seconds per episode on
 cached features (`hf_copa.evaluation.adapt_and_score` over `hf_copa.batching.episode_chunks`, as `evaluate`
 adapts them: fitting the heads on the support set and scoring the queries, chunks of up to 8 episodes; the
-features are extracted before the clock starts). Episodes are drawn once per dataset and protocol from the
-labels alone (`hf_copa.episodes.make_sampler`, episode i from (seed, i)), so every backbone sees the same
-episodes. Each dataset row the episodes touch is embedded once per backbone
-(`hf_copa.features.extract_row_features`, into a feature cache in a temporary folder, or `--cache-dir`).
-Per backbone, extraction speed: `extract_dataset_features` on the first `--speed-images` images of the first
-dataset (decoding, preprocessing and the backbone; no cache), after an 8-image warm-up.
+features are extracted, and each method called once, before the clock starts). Episodes are drawn once per
+dataset and protocol from the labels alone (`hf_copa.episodes.make_sampler`, episode i from (seed, i)), so
+every backbone sees the same episodes; on the meta-dataset protocol the accuracies are `hf_copa.evaluate`'s.
+Each dataset row the episodes touch is embedded once per backbone (`hf_copa.features.extract_row_features`,
+into a feature cache in a temporary folder, or `--cache-dir`). Per backbone, extraction speed:
+`extract_dataset_features` on the first `--speed-images` images of the first dataset (decoding,
+preprocessing and the backbone; no cache), after an 8-image warm-up.
 
 Protocols: any name `hf_copa.episodes` knows (meta-dataset, varying-way-5-shot, 5-way-1-shot), and
-`N-way-K-shot` for the others, which is `make_sampler("fixed", num_ways=N, num_support=K, num_query=--num-query)`
-(15 queries per class by default); the JSON records every protocol's fields.
+`N-way-K-shot` for the others (hf_copa has no `5-way-5-shot` protocol), which is
+`make_sampler("fixed", num_ways=N, num_support=K, num_query=--num-query)`, 15 queries per class by default;
+the JSON records every protocol's fields.
 
 Hyperparameters: each learner's defaults, the backbone config's `adaptation` entries and `--override
 [DOMAIN:]METHOD:KEY=VALUE` (`hf_copa.evaluation.hyperparameters_for`). The default overrides are the README

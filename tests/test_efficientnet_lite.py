@@ -15,6 +15,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from huggingface_hub import HfApi, ModelCard
 
 import hf_copa
+import hf_copa.bundled
 from hf_copa import (
     CopaForFewShotClassification,
     CopaModel,
@@ -51,7 +52,7 @@ def reference_features(model: EfficientNet, pixel_values: torch.Tensor) -> torch
 
 @pytest.fixture(scope="module")
 def lite0() -> EfficientNetLiteModel:
-    return hf_copa.load_model()
+    return hf_copa.load_model(hf_copa.EFFICIENTNET_LITE0)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def test_pooled_features_equal_the_reference_codes_on_real_images(lite0, real_im
     )
 
 
-def test_the_default_is_lite0_at_128_px_and_its_weights_are_the_packages(lite0):
+def test_the_bundled_lite0_is_128_px_and_its_weights_are_the_packages(lite0):
     assert isinstance(lite0, EfficientNetLiteModel) and not lite0.training
-    assert lite0.config._name_or_path == hf_copa.DEFAULT_MODEL
+    assert lite0.config._name_or_path == hf_copa.EFFICIENTNET_LITE0
     assert lite0.config.variant == "lite0" and lite0.config.image_size == 128
     assert lite0.config.training_domains == ["ilsvrc_2012"]
     state = torch.load(WEIGHTS, weights_only=True)
@@ -233,7 +234,7 @@ def test_push_to_hub_uploads_one_commit_that_loads_back_by_id(monkeypatch, tmp_p
 
 def test_each_familys_class_refuses_the_others_folder_and_says_which_loads_it(tmp_path, reference_dir):
     with pytest.raises(ValueError, match=r"EfficientNetLiteModel loads, not CopaModel; load it with"):
-        CopaModel.from_pretrained(hf_copa.default_model_path())
+        CopaModel.from_pretrained(hf_copa.EFFICIENTNET_LITE0)
     convert_url_checkpoint(reference_dir / "url_checkpoint.pth.tar.xz", tmp_path / "url")
     with pytest.raises(ValueError, match=r"CopaModel loads, not EfficientNetLiteModel"):
         EfficientNetLiteModel.from_pretrained(tmp_path / "url")
@@ -244,7 +245,20 @@ def test_residual_adapter_methods_refuse_it_before_reading_any_image(lite0, meth
     with pytest.raises(ValueError, match="residual-adapter points.*EfficientNet-Lite backbone does not have"):
         lite0.adapt(["no/such/image.png"] * 2, ["a", "b"], method=method)
     sample = str(sample_task_dir())
-    assert main(["classify", f"{sample}/support", f"{sample}/query", "--method", method]) == 2
+    assert (
+        main(
+            [
+                "classify",
+                f"{sample}/support",
+                f"{sample}/query",
+                "--method",
+                method,
+                "--model",
+                hf_copa.EFFICIENTNET_LITE0,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "EfficientNet-Lite" in err and "copa" in err and len(err.strip().splitlines()) == 1
 
@@ -266,7 +280,7 @@ def test_a_head_on_it_saves_pins_the_default_and_loads_through_pipeline(lite0, t
     classifier.save_pretrained(tmp_path / "head")
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["model_type"] == "efficientnet_lite"
-    assert config["copa_head"]["base_model"] == hf_copa.DEFAULT_MODEL
+    assert config["copa_head"]["base_model"] == hf_copa.EFFICIENTNET_LITE0
     loaded = CopaForFewShotClassification.from_pretrained(tmp_path / "head")
     torch.testing.assert_close(loaded.logits(queries), classifier.logits(queries))
     hf_copa.register_auto_classes()
@@ -281,16 +295,16 @@ def test_a_head_on_it_saves_pins_the_default_and_loads_through_pipeline(lite0, t
         )
 
 
-def test_the_default_is_converted_once_atomically_into_the_model_cache(tmp_path, monkeypatch):
+def test_lite0_is_converted_once_atomically_into_the_model_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_COPA_MODEL_CACHE", str(tmp_path / "models"))
-    folder = hf_copa.default_model_path()
+    folder = hf_copa.bundled.bundled_model_path(hf_copa.EFFICIENTNET_LITE0)
     assert folder.parent == (tmp_path / "models").resolve() and (folder / "model.safetensors").is_file()
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert hf_copa.load_model().config._name_or_path == hf_copa.DEFAULT_MODEL
+    assert hf_copa.load_model(hf_copa.EFFICIENTNET_LITE0).config._name_or_path == hf_copa.EFFICIENTNET_LITE0
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # read, not converted again
     card = (folder / "README.md").read_text()
-    assert f"# {hf_copa.DEFAULT_MODEL}" in card
+    assert f"# {hf_copa.EFFICIENTNET_LITE0}" in card
 
 
 def test_the_old_default_stays_loadable_by_name():

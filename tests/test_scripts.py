@@ -170,6 +170,46 @@ def check_sdl_standins(out: dict) -> None:
         assert checkpoint.training_domains == (source,) and checkpoint.domain_classifier_sizes[0] > 0
 
 
+def check_backbones(out: dict) -> None:
+    assert out["machine"]["quick"] is True and out["machine"]["threads"] == 1
+    settings = out["settings"]
+    assert settings["episodes"] == 3 and settings["methods"] == ["ncc", "url", "copa"]
+    assert {name: d["rows"] for name, d in settings["datasets"].items()} == {"mnist": 300, "quickdraw": 300}
+    assert list(settings["protocols"]) == ["5-way-5-shot", "meta-dataset"]
+    fixed = settings["protocols"]["5-way-5-shot"]
+    assert [fixed[k] for k in ("sampler", "num_ways", "num_support", "num_query")] == ["fixed", 5, 5, 15]
+    assert settings["overrides"] == ["mnist:copa:preset=high-lr"]  # the others name datasets not in the run
+    backbones = out["backbones"]
+    assert list(backbones) == ["efficientnet-lite0 84px", "url-resnet18 (random weights)"]
+    keys = ("model_class", "image_size", "feature_dim", "stand_in")
+    shapes = [[b[k] for k in keys] for b in backbones.values()]
+    assert shapes == [["EfficientNetLiteModel", 84, 1280, False], ["CopaModel", 84, 512, True]]
+    for name, backbone in backbones.items():
+        assert backbone["extraction"]["images"] == 32 and backbone["extraction"]["images_per_s"] > 0
+        assert list(backbone["datasets"]) == ["mnist", "quickdraw"]
+        for dataset in backbone["datasets"].values():
+            assert 0 < dataset["rows_embedded"] <= 300 and dataset["embedding_s"] > 0
+            assert list(dataset["protocols"]) == ["5-way-5-shot", "meta-dataset"]
+            for protocol, per_method in dataset["protocols"].items():
+                assert list(per_method) == ["ncc", "url", "copa"]
+                for result in per_method.values():
+                    assert 0 <= result["mean"] <= 100 and result["ci95"] >= 0 and result["episodes"] == 3
+                    assert result["adapt_s_per_episode"] > 0
+                    if protocol == "5-way-5-shot":
+                        shape = [result[k] for k in ("mean_ways", "mean_support", "mean_query")]
+                        assert shape == [5, 25, 75]
+        for protocol in ("5-way-5-shot", "meta-dataset"):
+            for method in ("ncc", "url", "copa"):
+                means = [d["protocols"][protocol][method]["mean"] for d in backbone["datasets"].values()]
+                assert backbone["average"][protocol][method] == pytest.approx(sum(means) / 2)
+        assert f"| {name}{' *' if backbone['stand_in'] else ''} | mnist |" in out["table"]
+    # Every backbone saw the same episodes: the same shapes, whatever the features.
+    first, second = (b["datasets"]["mnist"]["protocols"]["meta-dataset"]["ncc"] for b in backbones.values())
+    assert (first["mean_ways"], first["mean_support"]) == (second["mean_ways"], second["mean_support"])
+    assert "RANDOM weights" in out["table"]
+    assert "stand-in" in backbones["url-resnet18 (random weights)"]["note"]
+
+
 @dataclass(frozen=True)
 class Case:
     args: Callable[[Path], list[str]]  # the arguments after --quick, given the output file
@@ -184,6 +224,14 @@ CASES: dict[str, Case] = {
         check_adaptation,
     ),
     "benchmark_backbone_set": Case(lambda out: ["--threads", "1", "--json", str(out)], check_backbone_set),
+    "benchmark_backbones": Case(
+        lambda out: (
+            ["--threads", "1", "--data-root", str(SHARED_DIR / "datasets"), "--json", str(out)]
+            + ["--url-checkpoint", str(SHARED_DIR / "reference" / "url_checkpoint.pth.tar.xz")]
+        ),
+        check_backbones,
+        shared=("datasets", "reference"),
+    ),
     "benchmark_evaluation": Case(
         lambda out: ["--dataset", str(SHARED_DIR / "datasets" / "mnist"), "--json", str(out)],
         check_evaluation,
