@@ -32,7 +32,6 @@ _CONVERTED = {EFFICIENTNET_LITE0: "lite0"}
 # What converts them: looked up by name when first needed, as `model_sources.BACKBONE_FAMILIES` looks up a
 # family's module (the converter builds models, and models resolve these names).
 _CONVERTER = ("conversion.efficientnet_lite", "convert_efficientnet_lite_checkpoint")
-BUNDLED_MODELS = (SMALL_RESNET, EFFICIENTNET_LITE0)
 _MODELS_DIR = Path(__file__).parent / "assets" / "models"
 CONVERSION_VERSION = 1  # bump when the conversion's output changes, so old cache folders are not reused
 

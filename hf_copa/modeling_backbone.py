@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedConfig
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .adaptation import adapt_to_task
@@ -252,9 +253,18 @@ class FewShotBackbone:
         raise NotImplementedError
 
 
-def is_backbone(model: Any) -> bool:
-    """Whether `model` is one few-shot backbone (of any family); a `CopaBackboneSet` is not."""
-    return isinstance(model, FewShotBackbone)
+@torch.no_grad()
+def init_convolutions_and_batch_norm(module: nn.Module) -> None:
+    """Every family's `_init_weights`: He-normal convolutions (fan out), BatchNorm as the identity."""
+    if isinstance(module, nn.Conv2d):
+        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+        init.zeros_(module.running_mean)
+        init.ones_(module.running_var)
+        if module.num_batches_tracked is not None:
+            init.zeros_(module.num_batches_tracked)
 
 
 def check_backbone_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from . import heads
@@ -27,7 +26,13 @@ from .heads import AdaptedHead
 from .image_processing_copa import CopaImageProcessor
 from .learners.base import FEATURES, MAPS, RESIDUAL_ADAPTERS
 from .model_sources import backbone_class
-from .modeling_backbone import FEATURE_BATCH_SIZE, CopaModelOutput, FewShotBackbone, check_backbone_weights
+from .modeling_backbone import (
+    FEATURE_BATCH_SIZE,
+    CopaModelOutput,
+    FewShotBackbone,
+    check_backbone_weights,
+    init_convolutions_and_batch_norm,
+)
 from .validation import CopaTypeError, CopaValueError
 
 __all__ = [
@@ -78,15 +83,7 @@ class CopaPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            if module.num_batches_tracked is not None:
-                init.zeros_(module.num_batches_tracked)
+        init_convolutions_and_batch_norm(module)
 
 
 class CopaModel(FewShotBackbone, CopaPreTrainedModel):

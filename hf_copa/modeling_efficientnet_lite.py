@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 
 from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .image_processing_efficientnet_lite import EfficientNetLiteImageProcessor
 from .learners.base import FEATURES, MAPS
-from .modeling_backbone import FewShotBackbone
+from .modeling_backbone import FewShotBackbone, init_convolutions_and_batch_norm
 from .modeling_copa import CopaForFewShotClassification
 
 __all__ = [
@@ -110,15 +109,7 @@ class EfficientNetLitePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            init.zeros_(module.running_mean)
-            init.ones_(module.running_var)
-            if module.num_batches_tracked is not None:
-                init.zeros_(module.num_batches_tracked)
+        init_convolutions_and_batch_norm(module)
 
 
 class EfficientNetLiteModel(FewShotBackbone, EfficientNetLitePreTrainedModel):
