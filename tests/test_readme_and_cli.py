@@ -47,12 +47,23 @@ def test_classify_reports_bad_folders_without_a_traceback(tmp_path, capsys):
     ("method", "options"), [("tsa", ["--lr-beta", "0.5"]), ("copa+tsa", ["--adapter-lr-scale", "0.5"])]
 )
 def test_demo_runs_the_tsa_methods_with_their_own_options(capsys, method, options):
-    assert main(["demo", "--method", method, "--steps", "3", *options, "--json"]) == 0
+    """TSA's adapters need a ResNet: the small bundled one (the default, EfficientNet-Lite0, refuses them)."""
+    demo = ["demo", "--model", "hf_copa:copa-mdl-small", "--method", method, "--steps", "3", *options]
+    assert main([*demo, "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 9
     assert all(
         sum(p["score"] for p in item["predictions"]) == pytest.approx(1.0, abs=1e-5) for item in results
     )
+
+
+@pytest.mark.parametrize("method", ["tsa", "copa+tsa"])
+def test_the_default_refuses_the_tsa_methods_in_one_line_naming_what_runs(capsys, method):
+    assert main(["demo", "--method", method]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and "residual-adapter" in captured.err
+    assert "hf_copa:copa-mdl-small" in captured.err and "copa, copa-transformer" in captured.err
 
 
 def test_an_option_a_method_does_not_take_is_a_clean_error(capsys):
